@@ -1,0 +1,70 @@
+# Ground Up: one command per job. Run `make help` for the list.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# The offline data mirror beside the repository, when there is one (absolute: notebooks run in notebooks/).
+export BOOK_DATA ?= $(abspath $(wildcard ../shared/data))
+# The test run writes results and checkpoints to scratch folders, never over the committed ones.
+TEST_ENV := BOOK_PROFILE=smoke BOOK_RESULTS_DIR=$(CURDIR)/_build/test-results \
+            BOOK_CHECKPOINT_DIR=$(CURDIR)/_build/test-checkpoints MPLBACKEND=Agg
+NB ?= notebooks/*.ipynb
+PROFILE ?= smoke
+
+.PHONY: help venv book html test unit notebooks lab export check-export results outputs clean
+
+help:
+	@echo "make book          set up .venv and build the website into _build/html"
+	@echo "make test          set up .venv, run unit tests, the export check, every notebook (smoke), the site build"
+	@echo "make lab           open JupyterLab"
+	@echo "make export        write lib/groundup/ from the notebooks' #| export cells"
+	@echo "make check-export  fail if lib/ is out of sync with the notebooks"
+	@echo "make outputs       execute notebooks in place (NB=..., PROFILE=smoke|full) and regenerate the results page"
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+book: $(STAMP)
+	$(PY) tools/results_table.py
+	$(MAKE) --no-print-directory html
+	@echo "The book is at file://$(CURDIR)/_build/html/index.html"
+
+html: $(STAMP)
+	rm -rf _build/html _build/.doctrees _build/jupyter_execute
+	$(VENV)/bin/jupyter-book build . --warningiserror --keep-going --quiet
+
+test: $(STAMP)
+	$(PY) tools/export.py --check
+	$(PY) tools/results_table.py --check
+	$(MAKE) --no-print-directory html
+	$(TEST_ENV) $(PY) -m pytest tests notebooks --nbmake --nbmake-timeout=300 --durations=0
+
+unit: $(STAMP)
+	$(PY) -m pytest tests
+
+notebooks: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest notebooks --nbmake --nbmake-timeout=300 --durations=0
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks
+
+export: $(STAMP)
+	$(PY) tools/export.py
+
+check-export: $(STAMP)
+	$(PY) tools/export.py --check
+
+results: $(STAMP)
+	$(PY) tools/results_table.py
+
+outputs: $(STAMP)
+	BOOK_PROFILE=$(PROFILE) $(PY) tools/run_notebooks.py $(NB)
+	$(PY) tools/results_table.py
+
+clean:
+	rm -rf _build

@@ -1,0 +1,114 @@
+"""The results recorder: every chapter ends by writing ``results/NN_slug.json``.
+
+Hand-written plumbing. A record holds the chapter's metrics, its comparison rows (ours next to the
+paper's figure and the book's target), the config, the profile, the device, the torch version, the
+wall time, the git commit, the date and which data were used. The website's results page and
+``results/README.md`` are generated from these files (``tools/results_table.py``); nothing in them
+is typed by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .runtime import book_root, device_name, get_device, get_profile
+
+
+def results_dir() -> Path:
+    """``BOOK_RESULTS_DIR`` if set (the test suite points it at a scratch folder), else ``results/``."""
+    return Path(os.environ.get("BOOK_RESULTS_DIR") or book_root() / "results")
+
+
+def git_commit(root: Path | None = None) -> dict:
+    root = root or book_root()
+    try:
+        head = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10)
+        # no repository, or one with no commit yet (where `git rev-parse HEAD` prints "HEAD"): no commit
+        commit = head.stdout.strip() if head.returncode == 0 else ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
+    return {"commit": commit or "unknown", "dirty": bool(dirty) if commit else None}
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of a chapter's results table: our measurement next to the paper's and the target."""
+    metric: str
+    ours: float | str
+    paper: str = "—"   # the paper's figure, with its source and setting, e.g. "1.6% (Simard 2003, 60k images)"
+    target: str = "—"  # the book's target for the full profile (BOOK.md), e.g. ">= 98.0%"
+    met: bool | None = None  # whether ours meets the target; None where there is none
+    unit: str = ""
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    if torch.is_tensor(obj):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def record_results(slug: str, *, title: str, metrics: dict, rows: list[Row], config, data: dict,
+                   wall_time_s: float, notes: str = "", device=None) -> dict:
+    """Write ``results/<slug>.json`` and return the record."""
+    device = torch.device(device) if device is not None else get_device()
+    record = {
+        "chapter": slug,
+        "title": title,
+        "profile": get_profile(),
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "wall_time_s": round(float(wall_time_s), 2),
+        "git": git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "data": data,
+        "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config),
+        "metrics": metrics,
+        "rows": [dataclasses.asdict(r) for r in rows],
+        "notes": notes,
+    }
+    path = results_dir() / f"{slug}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=_jsonable) + "\n", encoding="utf-8")
+    print(f"wrote {path}", file=sys.stderr)
+    return record
+
+
+def _fmt(value, unit: str = "") -> str:
+    if isinstance(value, float):
+        text = f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    else:
+        text = str(value)
+    return f"{text}{unit}" if unit and text != "—" else text
+
+
+def rows_markdown(record: dict) -> str:
+    """A chapter's results table in Markdown, with the run it came from under it."""
+    lines = ["| metric | ours | paper | target (full profile) | met |", "|---|---|---|---|---|"]
+    for r in record["rows"]:
+        met = {True: "yes", False: "no", None: "—"}[r["met"]] if record["profile"] == "full" else "smoke run"
+        lines.append(f"| {r['metric']} | {_fmt(r['ours'], r['unit'])} | {r['paper']} | {r['target']} | {met} |")
+    lines.append("")
+    lines.append(f"*{record['profile']} profile on {record['device']}, torch {record['torch']}, "
+                 f"wall time {record['wall_time_s']:.1f} s, {record['date'][:10]}, "
+                 f"commit {record['git']['commit'][:10]}.*")
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""Runtime plumbing shared by every chapter: profile switch, device, seeding, mixed precision,
+progress bars, loss-curve plots and the batch order that makes training resumable.
+
+Hand-written (not exported from a notebook): none of this is taught, it is the bench the
+chapters stand on. Chapter 01 walks through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import platform
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.std import tqdm as tqdm_std
+
+PROFILES = ("smoke", "full")
+
+
+def book_root() -> Path:
+    """The repository root (the folder holding ``_toc.yml``) seen from the working directory, else the cwd."""
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "_toc.yml").exists():
+            return folder
+    return here
+
+
+def get_profile() -> str:
+    """The run profile: ``BOOK_PROFILE`` if set, else ``full`` on a CUDA machine and ``smoke`` elsewhere.
+
+    smoke: top to bottom on 2 CPU cores in at most 90 s (what CI runs).
+    full:  the reference run, at most 10 minutes of training on one H100.
+    """
+    value = os.environ.get("BOOK_PROFILE", "").strip().lower()
+    if not value:
+        return "full" if torch.cuda.is_available() else "smoke"
+    if value not in PROFILES:
+        raise ValueError(f"BOOK_PROFILE={value!r} is not a profile; set it to 'smoke' or 'full'")
+    return value
+
+
+def pick(smoke, full, profile: str | None = None):
+    """Choose between the two presets of a config by profile."""
+    profile = profile or get_profile()
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; expected one of {PROFILES}")
+    return smoke if profile == "smoke" else full
+
+
+def get_device() -> torch.device:
+    """CUDA if present, then Apple's MPS, then the CPU. ``BOOK_DEVICE`` overrides (e.g. ``cpu``)."""
+    forced = os.environ.get("BOOK_DEVICE")
+    if forced:
+        return torch.device(forced)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def device_name(device: torch.device | str | None = None) -> str:
+    """A human-readable name of the device that ran the code, for results and figure captions."""
+    device = torch.device(device) if device is not None else get_device()
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple MPS ({platform.machine()})"
+    threads = torch.get_num_threads()
+    return f"CPU: {_cpu_model()} ({threads} thread{'s' if threads != 1 else ''})"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device | str):
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU bf16 is slow and MPS support varies)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm progress bar: a live widget in Jupyter, text in a terminal.
+
+    With ``BOOK_PROGRESS=static`` (set by ``tools/run_notebooks.py`` when it executes a notebook
+    for the website) the bar prints once, in its final state, as plain text: a saved notebook
+    then shows "100%|...| 4080/4080 [00:03<00:00, ...]" rather than a widget with no state.
+    """
+    kwargs.setdefault("mininterval", 0.5)
+    if os.environ.get("BOOK_PROGRESS") == "static":
+        return _FinalStateBar(iterable, **kwargs)
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kwargs)
+
+
+class _FinalStateBar(tqdm_std):
+    """A text bar that shows nothing while it runs and prints its final state once."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["file"] = io.StringIO()
+        super().__init__(*args, **kwargs)
+
+    def close(self):
+        if not self.disable and not getattr(self, "_final_printed", False):
+            self._final_printed = True
+            print(self, flush=True)
+        super().close()
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of the examples in training step ``step`` (0-based).
+
+    Each epoch is a fresh permutation drawn from ``(seed, epoch)``; a step's batch is a slice of it,
+    dropping the incomplete last batch. The batch depends only on its arguments, so a run resumed
+    from a checkpoint at step k sees exactly the batches an uninterrupted run would.
+    """
+    if batch_size > n:
+        raise ValueError(f"batch_size={batch_size} is larger than the data set ({n} examples)")
+    steps_per_epoch = n // batch_size
+    epoch, i = divmod(step, steps_per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return perm[i * batch_size:(i + 1) * batch_size]
+
+
+def plot_curves(curves: dict, *, title: str = "", xlabel: str = "step", ylabel: str = "loss",
+                logy: bool = False, ax=None):
+    """Plot named curves, each a sequence of (x, y) pairs or of y values; returns the axes."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.4, 3.6))
+    for name, points in curves.items():
+        points = list(points)
+        if points and isinstance(points[0], (tuple, list)):
+            xs, ys = zip(*points)
+        else:
+            xs, ys = range(len(points)), points
+        ax.plot(xs, ys, label=name, marker="o" if len(points) < 20 else None, markersize=3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return ax
+
+
+def run_label(device: torch.device | str | None = None, profile: str | None = None) -> str:
+    """'smoke profile, CPU: ...' for figure titles, so every figure says what produced it."""
+    return f"{profile or get_profile()} profile, {device_name(device)}"

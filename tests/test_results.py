@@ -1,0 +1,159 @@
+"""groundup.results: the JSON record every chapter writes, and its Markdown table."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import platform
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from groundup import results
+from groundup.results import Row, git_commit, record_results, rows_markdown
+
+pytestmark = pytest.mark.usefixtures("clean_env")
+
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+
+
+@dataclasses.dataclass
+class Config:
+    hidden: int = 128
+    lr: float = 3e-4
+    layers: tuple = (2, 2)
+    name: str = "mlp"
+
+
+ROWS = [
+    Row("test accuracy", 0.9812, paper="98.4% (LeCun 1998)", target=">= 98.0%", met=True),
+    Row("test loss", 0.0612, met=None),
+    Row("train time", 12.5, unit=" s", target="<= 600 s", met=False),
+]
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=Test", "-c", "user.email=test@example.com",
+                           "-c", "commit.gpgsign=false", *args], cwd=cwd, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def repo(book_root) -> Path:
+    """The scratch book root as a git repository with one commit."""
+    git(book_root, "init", "-q")
+    git(book_root, "add", "_toc.yml")
+    git(book_root, "commit", "-q", "-m", "first")
+    return book_root
+
+
+def record(monkeypatch, tmp_path, profile: str = "smoke", **kwargs) -> dict:
+    monkeypatch.setenv("BOOK_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("BOOK_PROFILE", profile)
+    args = dict(title="MLP on MNIST", metrics={"test_acc": 0.9812, "steps": 200}, rows=ROWS,
+                config=Config(), data={"train": {"dataset": "MNIST", "examples": 17435}},
+                wall_time_s=12.3456, notes="a note", device="cpu")
+    args.update(kwargs)
+    return record_results("02_mlp_mnist", **args)
+
+
+@needs_git
+def test_record_results_writes_the_json(monkeypatch, tmp_path, repo):
+    returned = record(monkeypatch, tmp_path)
+    path = tmp_path / "results" / "02_mlp_mnist.json"
+    assert path.exists()
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    assert saved.keys() == returned.keys()
+    assert saved == json.loads(json.dumps(returned))  # the returned record is what was written
+
+    assert saved["chapter"] == "02_mlp_mnist"
+    assert saved["title"] == "MLP on MNIST"
+    assert saved["profile"] == "smoke"
+    assert saved["device"].startswith("CPU: ")
+    assert saved["device_type"] == "cpu"
+    assert saved["torch"] == torch.__version__
+    assert saved["python"] == platform.python_version()
+    assert saved["wall_time_s"] == 12.35
+    assert saved["git"] == {"commit": git(repo, "rev-parse", "HEAD"), "dirty": False}
+    assert re.fullmatch(r"[0-9a-f]{40}", saved["git"]["commit"])
+    date = dt.datetime.fromisoformat(saved["date"])
+    assert date.tzinfo is not None
+    assert abs((dt.datetime.now(dt.timezone.utc) - date).total_seconds()) < 120
+    assert saved["data"] == {"train": {"dataset": "MNIST", "examples": 17435}}
+    assert saved["config"] == {"hidden": 128, "lr": 3e-4, "layers": [2, 2], "name": "mlp"}
+    assert saved["metrics"] == {"test_acc": 0.9812, "steps": 200}
+    assert saved["rows"] == [dataclasses.asdict(r) for r in ROWS]
+    assert saved["rows"][0] == {"metric": "test accuracy", "ours": 0.9812, "paper": "98.4% (LeCun 1998)",
+                                "target": ">= 98.0%", "met": True, "unit": ""}
+    assert saved["notes"] == "a note"
+
+
+@needs_git
+def test_dirty_tree_is_recorded(monkeypatch, tmp_path, repo):
+    (repo / "_toc.yml").write_text("format: jb-book\nroot: changed\n")
+    assert record(monkeypatch, tmp_path)["git"]["dirty"] is True
+
+
+@needs_git
+def test_repository_without_commits_has_no_commit(book_root):
+    git(book_root, "init", "-q")
+    assert git_commit() == {"commit": "unknown", "dirty": None}
+
+
+def test_outside_a_repository(book_root):
+    assert git_commit(book_root) == {"commit": "unknown", "dirty": None}
+
+
+def test_config_as_a_dict_and_values_json_cannot_hold(monkeypatch, tmp_path, book_root):
+    rec = record(monkeypatch, tmp_path, config={"lr": 0.1, "path": Path("x/y")},
+                 metrics={"loss": torch.tensor(0.5), "hist": torch.tensor([1.0, 2.0])})
+    saved = json.loads((tmp_path / "results" / "02_mlp_mnist.json").read_text())
+    assert saved["config"] == {"lr": 0.1, "path": "x/y"}
+    assert saved["metrics"] == {"loss": 0.5, "hist": [1.0, 2.0]}
+    assert rec["profile"] == "smoke"
+
+
+def test_results_dir(monkeypatch, tmp_path, book_root):
+    assert results.results_dir() == book_root.resolve() / "results"
+    monkeypatch.setenv("BOOK_RESULTS_DIR", str(tmp_path / "elsewhere"))
+    assert results.results_dir() == tmp_path / "elsewhere"
+
+
+def test_rows_markdown_for_a_smoke_run(monkeypatch, tmp_path, book_root):
+    text = rows_markdown(record(monkeypatch, tmp_path, profile="smoke"))
+    lines = text.splitlines()
+    assert lines[0] == "| metric | ours | paper | target (full profile) | met |"
+    table = [line for line in lines[2:] if line.startswith("|")]
+    assert len(table) == len(ROWS)
+    for row, line in zip(ROWS, table):
+        assert line.startswith(f"| {row.metric} |")
+        assert line.endswith("| smoke run |")
+    assert "| test accuracy | 0.9812 | 98.4% (LeCun 1998) | >= 98.0% | smoke run |" in lines
+    assert "| train time | 12.5 s | — | <= 600 s | smoke run |" in lines
+    run_line = lines[-1]
+    assert run_line.startswith("*smoke profile on CPU: ")
+    assert f"torch {torch.__version__}" in run_line
+    assert "wall time 12.3 s" in run_line
+    assert dt.date.today().isoformat()[:4] in run_line
+    assert "commit unknown" in run_line
+
+
+def test_rows_markdown_for_a_full_run(monkeypatch, tmp_path, book_root):
+    text = rows_markdown(record(monkeypatch, tmp_path, profile="full"))
+    assert "| test accuracy | 0.9812 | 98.4% (LeCun 1998) | >= 98.0% | yes |" in text
+    assert "| test loss | 0.0612 | — | — | — |" in text
+    assert "| train time | 12.5 s | — | <= 600 s | no |" in text
+    assert "smoke run" not in text
+    assert text.splitlines()[-1].startswith("*full profile on ")
+
+
+def test_number_formatting():
+    assert results._fmt(0.123456) == "0.1235"
+    assert results._fmt(123456.7) == "123,457"
+    assert results._fmt(3, "%") == "3%"
+    assert results._fmt("—", " s") == "—"

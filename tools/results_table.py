@@ -1,0 +1,90 @@
+"""Generate the results tables from ``results/*.json``: ``results/README.md`` and ``book/results.md``.
+
+    python tools/results_table.py          # write both
+    python tools/results_table.py --check  # exit 1 if either is out of date
+
+Every number comes from a JSON file that a chapter's code wrote; nothing here is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "lib"))
+from groundup.results import _fmt, rows_markdown  # noqa: E402
+
+INTRO = """Every number below was written by a chapter's own code into `results/<chapter>.json` and
+collected by `tools/results_table.py` (`make results`). Targets are those of the full profile (one
+H100, at most 10 minutes of training); a smoke-profile run (2 CPU cores, seconds of training) only
+shows that the code runs end to end, so it is not judged against them. Paper figures are quoted
+with their source; ours were measured.
+"""
+
+
+def load(root: Path = ROOT) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((root / "results").glob("*.json"))]
+
+
+def summary(records: list[dict]) -> str:
+    lines = ["| chapter | metric | ours | paper | target | met | profile | device | wall time | date | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for rec in records:
+        for r in rec["rows"]:
+            met = {True: "yes", False: "no", None: "—"}[r["met"]] if rec["profile"] == "full" else "—"
+            lines.append(
+                f"| {rec['chapter']} | {r['metric']} | {_fmt(r['ours'], r['unit'])} | {r['paper']} | {r['target']} | "
+                f"{met} | {rec['profile']} | {rec['device']} | {rec['wall_time_s']:.0f} s | {rec['date'][:10]} | "
+                f"`{rec['git']['commit'][:8]}` |")
+    return "\n".join(lines)
+
+
+def readme(records: list[dict]) -> str:
+    return f"# Results\n\n{INTRO}\n{summary(records)}\n"
+
+
+def book_page(records: list[dict]) -> str:
+    parts = [f"# Results\n\n{INTRO}\n## All chapters\n\n{summary(records)}\n"]
+    for rec in records:
+        parts.append(f"\n## {rec['chapter']}: {rec['title']}\n\n{rows_markdown(rec)}\n")
+        data = "; ".join(
+            f"{d['dataset']} {d['split']}: {d.get('examples', d.get('characters')):,} "
+            f"{'examples' if 'examples' in d else 'characters'} from the {d['source']}"
+            for d in rec["data"].values())
+        parts.append(f"\nData: {data}.\n")
+        if rec.get("notes"):
+            parts.append(f"\n{rec['notes']}\n")
+    return "".join(parts)
+
+
+def outputs(root: Path = ROOT) -> dict[Path, str]:
+    records = load(root)
+    return {root / "results" / "README.md": readme(records), root / "book" / "results.md": book_page(records)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    stale = []
+    for path, text in outputs().items():
+        current = path.read_text() if path.exists() else None
+        if current != text:
+            if args.check:
+                stale.append(str(path.relative_to(ROOT)))
+            else:
+                path.write_text(text)
+                print(f"wrote {path.relative_to(ROOT)}")
+    if stale:
+        print(f"out of date: {', '.join(stale)}; run `make results` and commit", file=sys.stderr)
+        return 1
+    if args.check:
+        print("results tables are current")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
