@@ -140,7 +140,7 @@ def test_a_file_missing_from_the_mirror_and_offline(with_mirror):
         data.load_wikitext2("train")
     message = str(err.value)
     assert "wikitext-2/train.txt" in message
-    assert f"BOOK_DATA={with_mirror} (missing: wikitext-2/train.txt)" in message
+    assert f"mirror (BOOK_DATA={with_mirror}), which lacks wikitext-2/train.txt" in message
 
 
 # ----------------------------------------------------------------------------- errors

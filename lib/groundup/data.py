@@ -84,20 +84,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BOOK_CACHE") or Path.home() / ".cache" / "groundup" / "data").expanduser()
 
 
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file (sha256 for our checksums, md5 where a source publishes only that)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def _read_sums(root: Path) -> dict[str, str]:
@@ -146,22 +143,20 @@ def locate(name: str, rels: list[str], download) -> tuple[Path, str]:
 
     Returns ``(folder, source)`` where source says which of the three it was.
     """
-    looked = []
-    mirror = mirror_dir()
-    if mirror is not None:
-        if all((mirror / r).exists() for r in rels):
-            for r in rels:
-                verify(mirror, r)
-            return mirror, f"mirror (BOOK_DATA={mirror})"
-        looked.append(f"the mirror BOOK_DATA={mirror} (missing: {', '.join(r for r in rels if not (mirror / r).exists())})")
-    else:
+    looked, candidates = [], []
+    mirror, cache = mirror_dir(), cache_dir()
+    if mirror is None:
         looked.append("no mirror (BOOK_DATA is not set)")
-    cache = cache_dir()
-    if all((cache / r).exists() for r in rels):
-        for r in rels:
-            verify(cache, r)
-        return cache, f"cache ({cache})"
-    looked.append(f"the cache {cache}")
+    else:
+        candidates.append((mirror, f"mirror (BOOK_DATA={mirror})"))
+    candidates.append((cache, f"cache ({cache})"))
+    for folder, source in candidates:
+        missing = [r for r in rels if not (folder / r).exists()]
+        if not missing:
+            for r in rels:
+                verify(folder, r)
+            return folder, source
+        looked.append(f"the {source}, which lacks {', '.join(missing)}")
     try:
         cache.mkdir(parents=True, exist_ok=True)
         download(cache)
@@ -202,7 +197,7 @@ def _download(url: str, dest: Path) -> Path:
 
 
 def _check_digest(path: Path, expected: str, kind: str) -> None:
-    actual = _md5(path) if kind == "md5" else sha256(path)
+    actual = file_digest(path, kind)
     if actual != expected:
         path.unlink()
         raise DataError(f"checksum failed for the download {path.name}: {kind} {actual}, expected {expected}. "
