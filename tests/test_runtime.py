@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -94,8 +95,8 @@ def test_device_prefers_cuda(monkeypatch):
 def test_device_name_on_cpu():
     name = runtime.device_name("cpu")
     assert name.startswith("CPU: ")
-    threads = torch.get_num_threads()
-    assert f"({threads} thread" in name
+    cores = os.cpu_count()
+    assert f"({cores} core" in name
     assert runtime.device_name(torch.device("cpu")) == name
 
 

@@ -81,8 +81,8 @@ def device_name(device: torch.device | str | None = None) -> str:
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return f"Apple MPS ({platform.machine()})"
-    threads = torch.get_num_threads()
-    return f"CPU: {_cpu_model()} ({threads} thread{'s' if threads != 1 else ''})"
+    cores = os.cpu_count() or 1
+    return f"CPU: {_cpu_model()} ({cores} core{'s' if cores != 1 else ''})"
 
 
 def seed_everything(seed: int) -> None:
