@@ -87,3 +87,14 @@ def test_results_tables_are_current():
 def test_library_is_in_sync_with_notebooks():
     import export
     assert export.check(ROOT) == [], "lib/ is out of sync with the notebooks: run `make export`"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_display_math_renders(path):
+    """Sphinx wraps a $$ block containing `\\\\` in a `split` environment, where MathJax rejects
+    `\\tag` ("\\tag not allowed in split environment"). Use `\\cr` in matrices, or `align*`."""
+    for cell in _cells(path):
+        if cell["cell_type"] != "markdown":
+            continue
+        for block in re.findall(r"\$\$(.*?)\$\$", _text(cell), re.S):
+            assert not ("\\\\" in block and "\\tag" in block), f"{path.name}: {block.strip()[:80]}"
