@@ -62,3 +62,26 @@ def book_root(tmp_path, monkeypatch) -> Path:
     (root / "_toc.yml").write_text("format: jb-book\nroot: intro\n")
     monkeypatch.chdir(root / "notebooks")
     return root
+
+
+class Crash(Exception):
+    """Raised by a crashing progress bar: a training run killed mid-way, as by a lost machine."""
+
+
+def crashing_progress(at):
+    """A stand-in for ``groundup.runtime.progress`` that kills the loop when it reaches item ``at``
+    (a step or an epoch). Patch it into a chapter module to test that training resumes exactly."""
+    class CrashingBar:
+        def __init__(self, iterable=None, **kwargs):
+            self.iterable = iterable
+
+        def __iter__(self):
+            for item in self.iterable:
+                if item == at:
+                    raise Crash
+                yield item
+
+        def set_postfix(self, **kwargs):
+            pass
+
+    return CrashingBar

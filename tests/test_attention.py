@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+
+from conftest import Crash, crashing_progress
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -196,27 +198,11 @@ def test_train_copy_model_resumes_exactly(tmp_path, monkeypatch):
     straight = AttentionOnlyLM(7, 8, 16, 2, 1)
     h1 = train_copy_model(straight, data, **kw)
 
-    class Crash(Exception):
-        pass
-
-    class CrashingBar:
-        """A progress bar that kills the run before step 8 (the last checkpoint is at step 5)."""
-        def __init__(self, iterable, **kwargs):
-            self.iterable = iterable
-
-        def __iter__(self):
-            for step in self.iterable:
-                if step == 8:
-                    raise Crash
-                yield step
-
     ckpt = tmp_path / "copy.safetensors"
-    monkeypatch.setattr(attention, "progress", CrashingBar)
+    monkeypatch.setattr(attention, "progress", crashing_progress(8))
     torch.manual_seed(0)
-    try:
+    with pytest.raises(Crash):
         train_copy_model(AttentionOnlyLM(7, 8, 16, 2, 1), data, **kw, checkpoint=ckpt)
-    except Crash:
-        pass
     monkeypatch.undo()
     torch.manual_seed(123)   # a different initialization: everything must come from the checkpoint
     resumed = AttentionOnlyLM(7, 8, 16, 2, 1)

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+
+from conftest import Crash, crashing_progress
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -204,17 +206,8 @@ def test_train_classifier_resumes_exactly(tmp_path, monkeypatch):
     straight = CifarClassifier((4, 8, 8))
     h1 = train_classifier(straight, X, y, X[:32], y[:32], recipe)
 
-    class Crash(Exception):
-        pass
-
-    def crashing_progress(iterable, **kwargs):
-        for epoch in iterable:
-            if epoch == 2:
-                raise Crash
-            yield epoch
-
     ckpt = tmp_path / "fast.safetensors"
-    monkeypatch.setattr(cnn, "progress", crashing_progress)
+    monkeypatch.setattr(cnn, "progress", crashing_progress(2))
     torch.manual_seed(0)
     with pytest.raises(Crash):
         train_classifier(CifarClassifier((4, 8, 8)), X, y, X[:32], y[:32], recipe, checkpoint=ckpt)

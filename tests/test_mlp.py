@@ -2,7 +2,10 @@
 
 import math
 
+import pytest
 import torch
+
+from conftest import Crash, crashing_progress
 
 from groundup.basics import cross_entropy
 from groundup.mlp import MLP, cosine_lr, evaluate, init_mlp, mlp_backward, mlp_forward, random_shift, train_mlp
@@ -77,30 +80,11 @@ def test_train_mlp_resumes_exactly(tmp_path, monkeypatch):
     straight = MLP(hidden=16, dropout=0.3)
     h1 = train_mlp(straight, X, y, X[:64], y[:64], **kw)
 
-    class Crash(Exception):
-        pass
-
-    class CrashingBar:
-        """A progress bar that kills the run before step 13 (the last checkpoint is at step 8)."""
-        def __init__(self, iterable, **kwargs):
-            self.iterable = iterable
-
-        def __iter__(self):
-            for step in self.iterable:
-                if step == 13:
-                    raise Crash
-                yield step
-
-        def set_postfix(self, **kwargs):
-            pass
-
     ckpt = tmp_path / "mlp.safetensors"
-    monkeypatch.setattr(mlp, "progress", CrashingBar)
+    monkeypatch.setattr(mlp, "progress", crashing_progress(13))
     torch.manual_seed(0)
-    try:
+    with pytest.raises(Crash):
         train_mlp(MLP(hidden=16, dropout=0.3), X, y, X[:64], y[:64], **kw, checkpoint=ckpt)
-    except Crash:
-        pass
     monkeypatch.undo()
     torch.manual_seed(123)   # different init and random state: everything must come from the checkpoint
     resumed = MLP(hidden=16, dropout=0.3)

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+
+from conftest import Crash, crashing_progress
 import torch.nn as nn
 
 from groundup.rnn import (CharRNN, Recurrent, build_vocab, clip_grad_norm, compare_with_torch, decode, detach_state,
@@ -242,25 +244,8 @@ def test_train_char_rnn_resumes_exactly(tmp_path, monkeypatch):
     straight = CharRNN(11, emb=6, hidden=10, layers=2, dropout=0.3)
     h1 = train_char_rnn(straight, train, val, **kw)
 
-    class Crash(Exception):
-        pass
-
-    class CrashingBar:
-        """A progress bar that kills the run a few steps into the second epoch."""
-        def __init__(self, iterable, **kwargs):
-            self.iterable = iterable
-
-        def __iter__(self):
-            for step in self.iterable:
-                if step == steps + 5:
-                    raise Crash
-                yield step
-
-        def set_postfix(self, **kwargs):
-            pass
-
     ckpt = tmp_path / "rnn.safetensors"
-    monkeypatch.setattr(rnn, "progress", CrashingBar)
+    monkeypatch.setattr(rnn, "progress", crashing_progress(steps + 5))
     torch.manual_seed(0)
     with pytest.raises(Crash):
         train_char_rnn(CharRNN(11, emb=6, hidden=10, layers=2, dropout=0.3), train, val, **kw, checkpoint=ckpt)
