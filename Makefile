@@ -9,6 +9,8 @@ export BOOK_DATA ?= $(abspath $(wildcard ../shared/data))
 TEST_ENV := BOOK_PROFILE=smoke BOOK_RESULTS_DIR=$(CURDIR)/_build/test-results \
             BOOK_CHECKPOINT_DIR=$(CURDIR)/_build/test-checkpoints MPLBACKEND=Agg
 NB ?= notebooks/*.ipynb
+# Every test run trains from scratch: no checkpoint or result of an earlier run is reused.
+CLEAN_TEST_STATE := rm -rf _build/test-results _build/test-checkpoints
 PROFILE ?= smoke
 
 .PHONY: help venv book html test unit notebooks lab export check-export results outputs clean
@@ -42,12 +44,14 @@ test: $(STAMP)
 	$(PY) tools/export.py --check
 	$(PY) tools/results_table.py --check
 	$(MAKE) --no-print-directory html
+	$(CLEAN_TEST_STATE)
 	$(TEST_ENV) $(PY) -m pytest tests notebooks --nbmake --nbmake-timeout=300 --durations=0
 
 unit: $(STAMP)
 	$(PY) -m pytest tests
 
 notebooks: $(STAMP)
+	$(CLEAN_TEST_STATE)
 	$(TEST_ENV) $(PY) -m pytest notebooks --nbmake --nbmake-timeout=300 --durations=0
 
 lab: $(STAMP)
