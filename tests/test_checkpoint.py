@@ -285,3 +285,13 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
         save_checkpoint(path, make_model(), step=2)
     assert path.read_bytes() == before
     assert load_checkpoint(path, make_model())[0] == 1
+
+
+def test_read_extra_without_loading_tensors(tmp_path):
+    from groundup.checkpoint import read_extra
+    model = torch.nn.Linear(3, 2)
+    path = save_checkpoint(tmp_path / "c.safetensors", model, step=4, extra={"widths": [4, 8], "note": "x"})
+    assert read_extra(path) == {"widths": [4, 8], "note": "x"}
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        read_extra(tmp_path / "bad.safetensors")

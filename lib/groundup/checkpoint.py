@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .runtime import book_root
@@ -61,16 +61,11 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     return path
 
 
-def load_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    *, restore_rng: bool = True) -> tuple[int, dict]:
-    """Load a checkpoint into ``model`` (and ``optimizer``); returns ``(step, extra)``."""
-    path = Path(path)
+def _metadata(path: Path) -> dict:
+    """The checkpoint's metadata, checked to be one of ours; CheckpointError names the file otherwise."""
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
@@ -79,6 +74,25 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         ) from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} was not written by groundup.checkpoint (format {meta.get('format')!r})")
+    return meta
+
+
+def read_extra(path) -> dict:
+    """The JSON ``extra`` of a checkpoint, without loading its tensors (e.g. to size a model before loading)."""
+    return json.loads(_metadata(Path(path))["extra"])
+
+
+def load_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    *, restore_rng: bool = True) -> tuple[int, dict]:
+    """Load a checkpoint into ``model`` (and ``optimizer``); returns ``(step, extra)``."""
+    path = Path(path)
+    meta = _metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors checkpoint ({err}); delete it to train from scratch"
+        ) from None
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         model.load_state_dict(model_state)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from groundup.basics import accuracy
-from groundup.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from groundup.checkpoint import checkpoint_dir, load_checkpoint, read_extra, save_checkpoint
 from groundup.data import load_cifar10
 from groundup.mlp import cosine_lr, evaluate
 from groundup.runtime import autocast, batch_indices, get_profile, progress
@@ -438,8 +438,6 @@ def load_cifar_classifier(path=None, device="cpu") -> CifarClassifier:
     """The classifier trained in chapter 03, in eval mode; its `.info` holds the checkpoint's extra
     (normalization mean/std, test accuracy, profile, device). Without `path`: the full-profile file, or in
     the smoke profile the smoke file when there is no full one."""
-    from safetensors import safe_open
-
     if path is None:
         candidates = [classifier_path("full")] + ([classifier_path("smoke")] if get_profile() == "smoke" else [])
         path = next((p for p in candidates if p.exists()), None)
@@ -452,8 +450,7 @@ def load_cifar_classifier(path=None, device="cpu") -> CifarClassifier:
     if not path.exists():
         raise FileNotFoundError(f"no CIFAR-10 classifier at {path}: run chapter 03 (notebooks/03_cnn_cifar10.ipynb) "
                                 "first, it saves the classifier there")
-    with safe_open(str(path), framework="pt") as f:
-        extra = json.loads(f.metadata()["extra"])
+    extra = read_extra(path)                       # the widths are needed before the model can be built
     model = CifarClassifier(extra["widths"], mean=extra["mean"], std=extra["std"], logit_scale=extra["logit_scale"])
     load_checkpoint(path, model, restore_rng=False)
     model.info = extra | {"path": str(path)}
