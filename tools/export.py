@@ -8,7 +8,9 @@ and marks the cells that belong to the library:
 
     #| export
 
-Each marked cell is copied, in notebook order, to ``lib/groundup/<module>.py``. The file starts
+Each marked cell is copied, in notebook order, to ``lib/groundup/<module>.py``. A cell marked
+``#| export <other>`` goes to ``lib/groundup/<other>.py`` instead (a chapter that also builds a
+small module of its own, e.g. chapter 16's ``evaluate``); each module still belongs to one notebook. The file starts
 with a header saying it is generated, and every block is preceded by a marker naming the notebook
 and the cell (counted from 1) it came from, so a reader of the library can find the chapter that
 teaches each line. IPython magics (``%...``) and shell lines (``!...``) are dropped.
@@ -101,20 +103,20 @@ def _clean(lines: list[str], where: str) -> str:
     return "\n".join(kept)
 
 
-def read_notebook(path: Path, root: Path = ROOT) -> Module | None:
-    """The module a notebook exports, or None if it exports nothing."""
+def read_notebook(path: Path, root: Path = ROOT) -> list[Module]:
+    """The modules a notebook exports (its ``default_exp`` module first), or [] if it exports nothing."""
     rel = path.relative_to(root).as_posix()
     try:
         nb = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ExportError(f"{rel}: not valid notebook JSON ({err})") from None
     module_name, module_cell = None, None
-    exported: list[tuple[int, list[str]]] = []
+    exported: list[tuple[int, str | None, list[str]]] = []   # (cell number, target module or None = default, lines)
     for number, cell in enumerate(nb.get("cells", []), start=1):
         if cell.get("cell_type") != "code":
             continue
         lines = _source(cell).splitlines()
-        is_export = False
+        targets = []
         for line in lines:
             m = DIRECTIVE.match(line)
             if not m:
@@ -126,42 +128,48 @@ def read_notebook(path: Path, root: Path = ROOT) -> Module | None:
                 if module_name is not None:
                     raise ExportError(
                         f"{rel}: names two modules (`{module_name}` in cell {module_cell}, `{arg}` in cell "
-                        f"{number}); a notebook exports to exactly one module"
+                        f"{number}); a notebook has one `default_exp` (send single cells elsewhere with "
+                        "`#| export <module>`)"
                     )
                 module_name, module_cell = arg, number
             elif name == "export":
-                is_export = True
-        if is_export:
-            exported.append((number, lines))
-    if module_name is None:
-        if exported:
-            raise ExportError(
-                f"{rel}, cell {exported[0][0]}: marked `#| export` but the notebook names no module; "
-                "add `#| default_exp <module>` to a code cell"
-            )
-        return None
-    if not exported:
+                if arg and not MODULE_NAME.match(arg):
+                    raise ExportError(f"{rel}, cell {number}: `#| export {arg}` is not a valid module name")
+                targets.append(arg or None)
+        if len(set(targets)) > 1:
+            raise ExportError(f"{rel}, cell {number}: marked for export to two modules; split the cell")
+        if targets:
+            exported.append((number, targets[0], lines))
+    if module_name is None and any(target is None for _, target, _ in exported):
+        first = next(number for number, target, _ in exported if target is None)
+        raise ExportError(
+            f"{rel}, cell {first}: marked `#| export` but the notebook names no module; "
+            "add `#| default_exp <module>` to a code cell"
+        )
+    if module_name is not None and not any(target in (None, module_name) for _, target, _ in exported):
         raise ExportError(f"{rel}: names module `{module_name}` but marks no cell `#| export`")
-    module = Module(module_name, rel)
-    for number, lines in exported:
+    modules: dict[str, Module] = {}
+    if module_name is not None:
+        modules[module_name] = Module(module_name, rel)
+    for number, target, lines in exported:
+        name = target or module_name
+        module = modules.setdefault(name, Module(name, rel))
         code = _clean(lines, f"{rel}, cell {number}")
         if code:
             module.blocks.append((number, code))
-    return module
+    return list(modules.values())
 
 
 def collect(notebooks: list[Path], root: Path = ROOT) -> dict[str, Module]:
     modules: dict[str, Module] = {}
     for path in sorted(notebooks):
-        module = read_notebook(path, root)
-        if module is None:
-            continue
-        if module.name in modules:
-            raise ExportError(
-                f"module `{module.name}` is claimed by two notebooks: {modules[module.name].notebook} "
-                f"and {module.notebook}; give one of them another `#| default_exp`"
-            )
-        modules[module.name] = module
+        for module in read_notebook(path, root):
+            if module.name in modules:
+                raise ExportError(
+                    f"module `{module.name}` is claimed by two notebooks: {modules[module.name].notebook} "
+                    f"and {module.notebook}; give one of them another module name"
+                )
+            modules[module.name] = module
     return modules
 
 
