@@ -1,0 +1,152 @@
+"""Tests of the code chapter 08 exports (lib/groundup/bpe.py)."""
+
+import json
+import math
+
+import pytest
+import regex
+from hypothesis import given, settings, strategies as st
+
+from groundup.bpe import (GPT2_SPLIT_PATTERN, BPETokenizer, merge_pair, pair_counts, train_merges,
+                          train_merges_naive, word_counts)
+
+CORPUS = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+          "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
+          "Ünïcödé wörds, 数字 1234 and emoji 🙂🙂 too; aaaa bbbb aaaaaaa. ") * 3
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return BPETokenizer().train(CORPUS, 256 + 120, special_tokens={"<|endoftext|>": 376, "<|pad|>": 377})
+
+
+def test_pair_counts_and_merge():
+    assert pair_counts([[1, 2, 1, 2], [1, 2]], [1, 5]) == {(1, 2): 7, (2, 1): 1}
+    assert merge_pair([1, 2, 1, 2, 3], (1, 2), 9) == [9, 9, 3]
+    assert merge_pair([7, 7, 7], (7, 7), 9) == [9, 7]               # non-overlapping, left to right
+    assert merge_pair([], (1, 2), 9) == []
+
+
+def test_split_pattern_is_gpt2s_and_lossless():
+    assert regex.findall(GPT2_SPLIT_PATTERN, "Hello world's  end!!\n\n 42") == \
+        ["Hello", " world", "'s", " ", " end", "!!", "\n\n", " 42"]
+    assert "".join(regex.findall(GPT2_SPLIT_PATTERN, CORPUS)) == CORPUS
+
+
+def test_incremental_trainer_equals_naive():
+    wc = word_counts(CORPUS)
+    for rank in (None, list(reversed(range(256)))):
+        naive = train_merges_naive(wc, 150, byte_rank=rank)
+        fast = train_merges(wc, 150, byte_rank=rank)
+        assert list(naive.items()) == list(fast.items())
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(st.dictionaries(st.binary(min_size=1, max_size=12, ).map(lambda b: bytes(x % 5 + 97 for x in b)),
+                       st.integers(1, 20), min_size=1, max_size=30))
+def test_incremental_trainer_equals_naive_random(wc):
+    # a 5-letter alphabet makes many ties and overlapping runs, where a wrong update shows up
+    assert list(train_merges(wc, 40).items()) == list(train_merges_naive(wc, 40).items())
+
+
+def test_encoding_reproduces_training_segmentation(tok):
+    # applying the merges in rank order to each training word gives what training produced
+    for w in word_counts(CORPUS):
+        ids = list(w)
+        for pair, z in tok.merges.items():
+            ids = merge_pair(ids, pair, z)
+        assert tok._encode_chunk(w) == ids
+
+
+def test_roundtrip_and_compression(tok):
+    ids = tok.encode(CORPUS)
+    assert tok.decode(ids) == CORPUS
+    assert len(ids) < len(CORPUS.encode()) / 2
+    assert tok.vocab_size == 256 + 120 + 2
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.text(), st.text(alphabet="ab <|endoftext|>", max_size=30))
+def test_roundtrip_property(tok, s, t):
+    assert tok.decode(tok.encode(s, allowed_special="none")) == s
+    mixed = s + "<|endoftext|>" + t + "<|pad|>"
+    ids = tok.encode(mixed, allowed_special="all")
+    assert tok.decode(ids) == mixed
+    assert all(0 <= i < tok.vocab_size for i in ids)
+
+
+def test_roundtrip_all_of_tiny_shakespeare(mirror):
+    text = (mirror / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    tok = BPETokenizer().train(text, 1024)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert len(ids) < len(text) / 2.2          # about 2.4 characters per token at vocab 1024
+
+
+def test_special_tokens(tok):
+    doc = "end<|endoftext|>start<|pad|>"
+    with pytest.raises(ValueError, match="allowed_special"):
+        tok.encode(doc)
+    assert tok.encode(doc, allowed_special={"<|pad|>"})[-1] == 377
+    assert 376 not in tok.encode(doc, allowed_special={"<|pad|>"})
+    assert tok.encode(doc, allowed_special="all").count(376) == 1
+    assert 376 not in tok.encode(doc, allowed_special="none")
+    with pytest.raises(ValueError, match="not special tokens"):
+        tok.encode(doc, allowed_special={"<|nope|>"})
+    with pytest.raises(ValueError, match="allowed_special must be"):
+        tok.encode(doc, allowed_special="sometimes")
+
+
+def test_special_token_ids_are_checked():
+    t = BPETokenizer().train("abababab cdcd", 258)
+    with pytest.raises(ValueError, match="ids below 258"):
+        t.register_special_tokens({"<s>": 100})
+    with pytest.raises(ValueError, match="distinct"):
+        t.register_special_tokens({"<s>": 300, "</s>": 300})
+    with pytest.raises(ValueError, match="at least 256"):
+        BPETokenizer().train("abc", 100)
+
+
+def test_decode_errors(tok):
+    ids = tok.encode("é")
+    assert tok.decode(ids[:1]) == "\ufffd"                              # half a UTF-8 character
+    with pytest.raises(UnicodeDecodeError):
+        tok.decode(ids[:1], errors="strict")
+    with pytest.raises(ValueError, match="not in this tokenizer"):
+        tok.decode([tok.vocab_size])
+
+
+def test_save_load_roundtrip(tok, tmp_path):
+    path = tmp_path / "tok.json"
+    tok.save(path)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["format"] == "groundup-bpe" and len(data["merges"]) == 120
+    loaded = BPETokenizer.load(path)
+    assert loaded.merges == tok.merges and loaded.special_tokens == tok.special_tokens
+    assert loaded.pattern == tok.pattern and loaded.vocab == tok.vocab
+    assert loaded.encode(CORPUS) == tok.encode(CORPUS)
+    data["merges"][0] = [999, 1, "x"]
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(ValueError, match="does not exist yet"):
+        BPETokenizer.load(path)
+    path.write_text(json.dumps({"format": "other"}), encoding="utf-8")
+    with pytest.raises(ValueError, match="not a groundup-bpe"):
+        BPETokenizer.load(path)
+
+
+def test_same_merges_as_huggingface_with_its_tie_order():
+    tokenizers = pytest.importorskip("tokenizers")
+    from groundup.bpe import bytes_to_unicode, hf_byte_rank
+
+    text = CORPUS * 2
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=256 + 100, show_progress=False,
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator([text], trainer=trainer)
+    u2b = {u: b for b, u in bytes_to_unicode().items()}
+    hf_merges = [tuple(bytes(u2b[c] for c in part) for part in (m.split(" ") if isinstance(m, str) else m))
+                 for m in json.loads(hf.to_str())["model"]["merges"]]
+    ours = BPETokenizer().train(text, 256 + 100, byte_rank=hf_byte_rank())
+    assert [(ours.vocab[a], ours.vocab[b]) for a, b in ours.merges] == hf_merges
+    assert len(ours.encode(text)) == len(hf.encode(text).ids)
