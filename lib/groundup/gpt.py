@@ -341,20 +341,21 @@ def train_gpt(model: nn.Module, train_data: torch.Tensor, val_data: torch.Tensor
     resumes from ``checkpoint`` when the file exists, exactly (batches are a function of the step).
 
     Returns {"train": [(step, loss)], "val": [(step, val_loss)], "train_seconds": [(step, seconds of training,
-    evaluations excluded, summed over resumed sessions)], "tokens_per_s": training tokens per second of this
-    session (nan if it trained no step), "steps": steps}."""
+    evaluations excluded, summed over resumed sessions)], "first_step_seconds": [(step, seconds)] for the first
+    step of each session (it includes torch.compile's compilation), "tokens_per_s": training tokens per second
+    of this session, first step excluded (nan if there is none), "steps": steps}."""
     device = torch.device(device)
     model.to(device)
     block_size = model.config.block_size
     opt = make_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas, device=device)
-    start, history = 0, {"train": [], "val": [], "train_seconds": []}
+    start, history = 0, {"train": [], "val": [], "train_seconds": [], "first_step_seconds": []}
     if checkpoint is not None and Path(checkpoint).exists():
         start, extra = load_checkpoint(checkpoint, model, opt)
-        history = {key: [tuple(p) for p in value] for key, value in extra["history"].items()}
+        history.update({key: [tuple(p) for p in value] for key, value in extra["history"].items()})
     fwd = torch.compile(model) if compile and device.type == "cuda" else model
     train_data, val_data = train_data.to(device), val_data.to(device)
     seconds = history["train_seconds"][-1][1] if history["train_seconds"] else 0.0
-    session_tokens, session_seconds, pending = 0, 0.0, []
+    session_tokens, session_seconds, first_seconds, pending = 0, 0.0, 0.0, []
     model.train()
     _sync(device)
     t0 = time.perf_counter()
@@ -371,6 +372,10 @@ def train_gpt(model: nn.Module, train_data: torch.Tensor, val_data: torch.Tensor
             clip_grad_norm(model.parameters(), grad_clip)                      # chapter 04, eq. (4)
         opt.step()
         pending.append((step, loss.detach()))                                 # read later: no GPU sync per step
+        if step == start:                                                      # the first step: compilation
+            _sync(device)
+            first_seconds = time.perf_counter() - t0
+            history["first_step_seconds"].append((step, first_seconds))
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             _sync(device)
             elapsed = time.perf_counter() - t0
@@ -387,5 +392,6 @@ def train_gpt(model: nn.Module, train_data: torch.Tensor, val_data: torch.Tensor
                 save_checkpoint(checkpoint, model, opt, step=step + 1, extra={"history": history})
             _sync(device)
             t0 = time.perf_counter()
-    tokens_per_s = session_tokens / session_seconds if session_seconds else float("nan")
+    steady_tokens, steady_seconds = session_tokens - batch_size * block_size, session_seconds - first_seconds
+    tokens_per_s = steady_tokens / steady_seconds if steady_tokens > 0 and steady_seconds > 0 else float("nan")
     return {**history, "tokens_per_s": tokens_per_s, "steps": steps}
