@@ -7,7 +7,7 @@ import pytest
 import regex
 from hypothesis import given, settings, strategies as st
 
-from groundup.bpe import (GPT2_SPLIT_PATTERN, BPETokenizer, merge_pair, pair_counts, train_merges,
+from groundup.bpe import (GPT2_SPLIT_PATTERN, BPETokenizer, bits_per_char, merge_pair, pair_counts, train_merges,
                           train_merges_naive, word_counts)
 
 CORPUS = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
@@ -150,3 +150,17 @@ def test_same_merges_as_huggingface_with_its_tie_order():
     ours = BPETokenizer().train(text, 256 + 100, byte_rank=hf_byte_rank())
     assert [(ours.vocab[a], ours.vocab[b]) for a, b in ours.merges] == hf_merges
     assert len(ours.encode(text)) == len(hf.encode(text).ids)
+
+
+def test_training_stops_when_nothing_is_left_to_merge():
+    merges = train_merges({b"ab": 3, b"c": 1}, 10)
+    assert merges == {(97, 98): 256}
+    assert train_merges_naive({b"ab": 3, b"c": 1}, 10) == merges
+
+
+def test_bits_per_char():
+    assert bits_per_char(math.log(2), 10, 10) == pytest.approx(1.0)
+    # 3 nats per token at 1 token per 4 characters = 0.75 nats per character
+    assert bits_per_char(3.0, 250, 1000) == pytest.approx(0.75 / math.log(2))
+    with pytest.raises(ValueError):
+        bits_per_char(1.0, 0, 10)

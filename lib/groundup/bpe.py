@@ -304,3 +304,11 @@ def hf_byte_rank() -> list[int]:
     for r, b in enumerate(order):
         rank[b] = r
     return rank
+
+
+# %% notebooks/08_bpe_tokenizer.ipynb, cell 38
+def bits_per_char(nats_per_token: float, n_tokens: int, n_chars: int) -> float:
+    """Eq. (5): a loss in nats per token -> bits per character of the text those tokens encode."""
+    if n_tokens <= 0 or n_chars <= 0:
+        raise ValueError(f"need positive token and character counts, got {n_tokens} and {n_chars}")
+    return nats_per_token * n_tokens / (n_chars * math.log(2))
