@@ -53,7 +53,7 @@ def quick_classifier_path(profile: str | None = None):
     return checkpoint_dir() / f"16_quick_cifar_classifier_{profile or get_profile()}.safetensors"
 
 
-def get_cifar_classifier(device="cpu", *, n_train: int = 5000, epochs: int = 6, widths=(32, 64, 64), verbose=True):
+def get_cifar_classifier(device="cpu", *, n_train: int = 2500, epochs: int = 4, widths=(16, 32, 32), verbose=True):
     # chapter 03's saved classifier; if there is none, a quick one trained with chapter 03's code (and saved)
     try:
         model = load_cifar_classifier(device=device)
@@ -61,18 +61,18 @@ def get_cifar_classifier(device="cpu", *, n_train: int = 5000, epochs: int = 6, 
             print(f"feature network: chapter 03's classifier ({model.info['path']}, "
                   f"test accuracy {model.info.get('test_accuracy', float('nan')):.3f})")
         return model
-    except FileNotFoundError as err:
-        reason = str(err).split(".")[0]
+    except FileNotFoundError:
+        reason = f"no chapter-03 classifier saved in {checkpoint_dir()} (run notebooks/03_cnn_cifar10.ipynb to make one)"
     path = quick_classifier_path()
     if path.exists():
         model = load_cifar_classifier(path, device=device)
     else:
         X, y, _, _ = cifar10_tensors("train", n_train, shards=(0,))
-        Xt, yt, _, _ = cifar10_tensors("test", 2000)
+        Xt, yt, _, _ = cifar10_tensors("test", 500)
         torch.manual_seed(0)
         model = CifarClassifier(widths)
-        model.init_whitening(X[:2000])
-        recipe = Recipe(epochs=epochs, batch_size=128, lr=0.2, momentum=0.85, nesterov=True, weight_decay=5e-4,
+        model.init_whitening(X[:1000])
+        recipe = Recipe(epochs=epochs, batch_size=64, lr=0.1, momentum=0.85, nesterov=True, weight_decay=5e-4,
                         bias_lr_mult=64.0, schedule="triangle", label_smoothing=0.2, translate=2, flip="alternate")
         train_classifier(model, X, y, Xt, yt, recipe, device=device, desc="quick CIFAR-10 classifier")
         acc = (predict(model, Xt.to(device), "none").argmax(1).cpu() == yt).float().mean().item()

@@ -314,3 +314,92 @@ def from_diffusers_unet(ref) -> UNet:
     model.load_state_dict({k.replace(".to_out.0.", ".to_out."): v for k, v in ref.state_dict().items()})
     p = next(ref.parameters())
     return model.to(device=p.device, dtype=p.dtype).train(ref.training)
+
+
+# %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 38
+def train_ddpm(model: nn.Module, diffusion: GaussianDiffusion, images: torch.Tensor, *, steps: int, batch_size: int,
+               lr: float = 2e-4, warmup: int = 0, grad_clip: float | None = 1.0, ema: EMA | None = None,
+               ema_decay: float = 0.9999, ema_warmup: bool = False, flip: bool = True, seed: int = 0,
+               checkpoint=None, save_every: int = 1000, device="cpu", compile: bool = False,
+               channels_last: bool = False) -> dict:
+    # Algorithm 1 on images (N, C, H, W) in [-1, 1] with Adam, linear warm-up, gradient clipping, random
+    # horizontal flips and an EMA of the weights; resumes exactly from `checkpoint` when it exists.
+    # Returns {"loss": [(step, loss)], "ema": EMA, "train_seconds": float, "images_per_s": float}.
+    if images.dim() != 4 or images.min() < -1 - 1e-6 or images.max() > 1 + 1e-6:
+        raise ValueError("images must be a (N, C, H, W) tensor in [-1, 1] (2 x - 1 for x in [0, 1])")
+    device = torch.device(device)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    ema = ema if ema is not None else EMA(model, decay=ema_decay, warmup=ema_warmup)
+    ema.model.to(device)
+    forward = torch.compile(model) if compile else model
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    both = nn.ModuleDict({"model": model, "ema": ema.model})              # one checkpoint for both
+    start, history, seconds = 0, [], 0.0
+    if checkpoint is not None and Path(checkpoint).exists():
+        start, extra = load_checkpoint(checkpoint, both, opt)
+        history, seconds, ema.num_updates = [tuple(h) for h in extra["history"]], extra["seconds"], extra["ema_updates"]
+    images = images.to(device)
+    model.train()
+    pending = []                                                            # losses not yet copied to the CPU
+
+    def flush():                                                            # one device-to-host copy per flush
+        if pending:
+            values = torch.stack([loss for _, loss in pending]).tolist()
+            history.extend((s, v) for (s, _), v in zip(pending, values))
+            pending.clear()
+
+    t0 = time.perf_counter()
+    bar = progress(range(start, steps), desc="DDPM training (Algorithm 1)", initial=start, total=steps)
+    for step in bar:                                                        # line 1: repeat
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+        x0 = images[batch_indices(len(images), batch_size, step, seed).to(device)]   # line 2: x_0 ~ q(x_0)
+        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 1)
+        if flip:
+            flips = torch.rand(x0.shape[0], generator=g, device=device) < 0.5
+            x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)  # random horizontal flips
+        if channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            loss = diffusion.training_loss(forward, x0, generator=g)       # lines 3-5 (t and eps drawn from g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        ema.update(model)
+        pending.append((step, loss.detach()))
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            flush()
+            bar.set_postfix(loss=f"{history[-1][1]:.4f}")
+        if checkpoint is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
+            flush()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            save_checkpoint(checkpoint, both, opt, step=step + 1,
+                            extra={"history": history, "ema_updates": ema.num_updates,
+                                   "seconds": seconds + time.perf_counter() - t0})
+    flush()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds += time.perf_counter() - t0
+    done = steps - start
+    return {"loss": history, "ema": ema, "train_seconds": seconds,
+            "images_per_s": done * batch_size / max(time.perf_counter() - t0, 1e-9) if done else float("nan")}
+
+
+@torch.no_grad()
+def sample_images(diffusion: GaussianDiffusion, model: nn.Module, n: int, *, batch_size: int = 500, seed: int = 0,
+                  device="cpu", image_shape=(3, 32, 32), progress_bar: bool = True) -> torch.Tensor:
+    # n samples by Algorithm 2, in [0, 1] on the CPU; batch b uses a generator seeded by (seed, b)
+    model.eval()
+    out = []
+    for b, start in enumerate(range(0, n, batch_size)):
+        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
+        with autocast(device):
+            x = diffusion.sample(model, (min(batch_size, n - start), *image_shape), generator=g, device=device,
+                                 progress_bar=progress_bar)
+        out.append(((x.float().clamp(-1, 1) + 1) / 2).cpu())
+    return torch.cat(out)
