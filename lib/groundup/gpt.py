@@ -343,7 +343,7 @@ def train_gpt(model: nn.Module, train_data: torch.Tensor, val_data: torch.Tensor
     Returns {"train": [(step, loss)], "val": [(step, val_loss)], "train_seconds": [(step, seconds of training,
     evaluations excluded, summed over resumed sessions)], "first_step_seconds": [(step, seconds)] for the first
     step of each session (it includes torch.compile's compilation), "tokens_per_s": training tokens per second
-    of this session, first step excluded (nan if there is none), "steps": steps}."""
+    over the whole run without those first steps (nan if there are no others), "steps": steps}."""
     device = torch.device(device)
     model.to(device)
     block_size = model.config.block_size
@@ -355,7 +355,7 @@ def train_gpt(model: nn.Module, train_data: torch.Tensor, val_data: torch.Tensor
     fwd = torch.compile(model) if compile and device.type == "cuda" else model
     train_data, val_data = train_data.to(device), val_data.to(device)
     seconds = history["train_seconds"][-1][1] if history["train_seconds"] else 0.0
-    session_tokens, session_seconds, first_seconds, pending = 0, 0.0, 0.0, []
+    pending = []
     model.train()
     _sync(device)
     t0 = time.perf_counter()
@@ -374,13 +374,10 @@ def train_gpt(model: nn.Module, train_data: torch.Tensor, val_data: torch.Tensor
         pending.append((step, loss.detach()))                                 # read later: no GPU sync per step
         if step == start:                                                      # the first step: compilation
             _sync(device)
-            first_seconds = time.perf_counter() - t0
-            history["first_step_seconds"].append((step, first_seconds))
+            history["first_step_seconds"].append((step, time.perf_counter() - t0))
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             _sync(device)
-            elapsed = time.perf_counter() - t0
-            seconds, session_seconds = seconds + elapsed, session_seconds + elapsed
-            session_tokens += len(pending) * batch_size * block_size
+            seconds += time.perf_counter() - t0
             history["train"] += [(s, l.item()) for s, l in pending]
             pending = []
             val = evaluate_lm(fwd, val_data, block_size=block_size, batch_size=batch_size, batches=eval_batches,
@@ -392,6 +389,8 @@ def train_gpt(model: nn.Module, train_data: torch.Tensor, val_data: torch.Tensor
                 save_checkpoint(checkpoint, model, opt, step=step + 1, extra={"history": history})
             _sync(device)
             t0 = time.perf_counter()
-    steady_tokens, steady_seconds = session_tokens - batch_size * block_size, session_seconds - first_seconds
-    tokens_per_s = steady_tokens / steady_seconds if steady_tokens > 0 and steady_seconds > 0 else float("nan")
+    # throughput over the whole run (all sessions), the first step of each session (compilation) excluded
+    steady_steps = (history["val"][-1][0] if history["val"] else 0) - len(history["first_step_seconds"])
+    steady_seconds = seconds - sum(s for _, s in history["first_step_seconds"])
+    tokens_per_s = steady_steps * batch_size * block_size / steady_seconds if steady_steps > 0 else float("nan")
     return {**history, "tokens_per_s": tokens_per_s, "steps": steps}
