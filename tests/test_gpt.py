@@ -285,3 +285,19 @@ def test_train_gpt_resumes_exactly(tmp_path, monkeypatch):
         assert torch.equal(a, b)
     assert h1["train"] == h2["train"] and h1["val"] == h2["val"]
     assert [s for s, _ in h1["train_seconds"]] == [s for s, _ in h2["train_seconds"]]
+
+
+def test_chapter05_attention_path_with_dropout():
+    """sdpa=False (chapter 05's attention) trains with attention dropout and equals SDPA in eval mode."""
+    config = GPTConfig(vocab_size=23, block_size=12, n_layer=2, n_head=2, n_embd=16, dropout=0.3)
+    torch.manual_seed(0)
+    fused = GPT(config)
+    ours = GPT(GPTConfig(**{**config.__dict__, "sdpa": False}))
+    ours.load_state_dict(fused.state_dict())
+    idx = torch.randint(0, 23, (2, 12))
+    fused.eval(), ours.eval()
+    with torch.no_grad():
+        assert (fused(idx)[0] - ours(idx)[0]).abs().max() < 1e-5
+    ours.train()
+    a, b = ours(idx)[0], ours(idx)[0]
+    assert torch.isfinite(a).all() and not torch.equal(a, b)          # dropout is active in training
