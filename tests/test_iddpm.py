@@ -1,0 +1,250 @@
+"""Tests of the code chapter 17 exports (lib/groundup/iddpm.py)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import Crash, crashing_progress
+from groundup import unet as unet_module
+from groundup.ddpm import GaussianDiffusion, linear_beta_schedule
+from groundup.iddpm import (ImprovedDiffusion, cosine_alpha_bar, cosine_beta_schedule,
+                            discretized_gaussian_log_likelihood, hybrid_loss, nll_bpd, normal_kl, prior_bpd, respace,
+                            spaced_timesteps, vlb_terms)
+from groundup.unet import UNet, UNetConfig, train_ddpm
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class StandIn(nn.Module):
+    """Deterministic eps (and v) heads: 1x1 convolutions plus a function of t."""
+
+    def __init__(self, channels=3, learned=True):
+        super().__init__()
+        self.eps = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1) if learned else None
+
+    def forward(self, x, t):
+        shift = (t.to(x.dtype) / 1000)[:, None, None, None]
+        eps = 0.5 * self.eps(x) + 0.1 * shift
+        return eps if self.v is None else torch.cat([eps, torch.tanh(self.v(x) + shift - 0.5)], dim=1)
+
+
+def _diffusers_float64(T, **kwargs):
+    from diffusers import DDPMScheduler
+    sched = DDPMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2", **kwargs)
+    sched.betas = cosine_beta_schedule(T)
+    sched.alphas = 1 - sched.betas
+    sched.alphas_cumprod = torch.cumprod(sched.alphas, 0)
+    sched.one = torch.tensor(1.0, dtype=torch.float64)
+    return sched
+
+
+def _images(n, seed=0, size=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g).double() / 127.5 - 1
+
+
+@pytest.mark.parametrize("T", [10, 1000, 4000])
+def test_cosine_schedule_matches_diffusers(T):
+    from diffusers import DDPMScheduler
+    ref = DDPMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2").betas.double()
+    ours = cosine_beta_schedule(T)
+    assert ours.dtype == torch.float64 and ours.shape == (T,)
+    assert (ours - ref).abs().max() < 1e-7
+    assert ours[-1] == 0.999 and (ours > 0).all()
+    # alpha_bar from the betas is f(t)/f(0) except at the clipped last step
+    assert torch.allclose(torch.cumprod(1 - ours, 0)[:-1], cosine_alpha_bar(torch.arange(1, T + 1), T)[:-1],
+                          rtol=1e-10, atol=1e-15)
+
+
+def test_cosine_schedule_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="max_beta"):
+        cosine_beta_schedule(100, max_beta=1.0)
+    with pytest.raises(ValueError, match="positive"):
+        cosine_beta_schedule(0)
+
+
+def test_normal_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    m1, m2, l1, l2 = (torch.randn(500, dtype=torch.float64, generator=g) for _ in range(4))
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(m1, (0.5 * l1).exp()),
+                                            torch.distributions.Normal(m2, (0.5 * l2).exp()))
+    assert (normal_kl(m1, l1, m2, l2) - ref).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("mean,scale", [(0.0, 0.1), (0.95, 1e-3), (-1.2, 0.02), (0.4, 3.0), (0.123, 1e-5)])
+def test_discretized_likelihood_sums_to_one_and_matches_cdf(mean, scale):
+    k = torch.arange(256, dtype=torch.float64)
+    x = k / 127.5 - 1
+    logp = discretized_gaussian_log_likelihood(x, torch.full_like(x, mean), torch.full_like(x, math.log(scale)))
+    assert abs(logp.exp().sum().item() - 1) < 1e-9
+    normal = torch.distributions.Normal(torch.tensor(mean, dtype=torch.float64), torch.tensor(scale, dtype=torch.float64))
+    upper = torch.where(k == 255, 1.0, normal.cdf(x + 1 / 255))
+    lower = torch.where(k == 0, 0.0, normal.cdf(x - 1 / 255))
+    assert (logp.exp() - (upper - lower)).abs().max() < 1e-11
+
+
+def test_discretized_likelihood_rejects_unscaled_pixels():
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        discretized_gaussian_log_likelihood(torch.tensor([255.0]), torch.zeros(1), torch.zeros(1))
+
+
+def test_learned_range_step_matches_diffusers():
+    T = 1000
+    torch.manual_seed(0)
+    model = StandIn().double()
+    ours = ImprovedDiffusion(cosine_beta_schedule(T), variance_type="learned_range")
+    sched = _diffusers_float64(T, variance_type="learned_range")
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for t in (999, 600, 20, 2, 1, 0):
+            tt = torch.full((3,), t)
+            a = ours.p_sample(model, x, tt, generator=torch.Generator().manual_seed(t))
+            b = sched.step(model(x, tt), t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+            assert (a - b).abs().max() < 1e-12, t
+
+
+@pytest.mark.parametrize("variance_type", ["learned_range", "fixed_small", "fixed_large"])
+def test_respaced_trajectory_matches_diffusers_set_timesteps(variance_type):
+    T, K = 1000, 7
+    torch.manual_seed(0)
+    model = StandIn(learned=variance_type == "learned_range").double()
+    sched = _diffusers_float64(T, variance_type=variance_type, timestep_spacing="linspace")
+    sched.set_timesteps(K)
+    short = respace(ImprovedDiffusion(cosine_beta_schedule(T), variance_type=variance_type), spaced_timesteps(T, K))
+    assert short.T == K and torch.equal(short.timestep_map.flip(0), sched.timesteps)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    a, b = x.clone(), x.clone()
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            a = short.p_sample(model, a, torch.full((2,), K - 1 - i), generator=torch.Generator().manual_seed(i))
+            b = sched.step(model(b, torch.full((2,), int(t))), t, b, generator=torch.Generator().manual_seed(i)).prev_sample
+    assert (a - b).abs().max() < 1e-12
+
+
+def test_respace_to_all_steps_is_the_identity_and_bad_lists_are_rejected():
+    d = ImprovedDiffusion(linear_beta_schedule(200), variance_type="fixed_small")
+    same = respace(d, torch.arange(200))
+    for name in ("betas", "alpha_bar", "posterior_variance", "posterior_mean_coef1", "posterior_mean_coef2"):
+        assert torch.allclose(getattr(same, name), getattr(d, name), rtol=1e-12, atol=0), name
+    short = respace(d, torch.tensor([0, 50, 199]))
+    assert torch.allclose(short.alpha_bar, d.alpha_bar[[0, 50, 199]], rtol=1e-12)   # marginals kept
+    with pytest.raises(ValueError, match="increasing"):
+        respace(d, torch.tensor([5, 3]))
+    with pytest.raises(ValueError, match="between 1 and"):
+        spaced_timesteps(10, 11)
+
+
+def test_fixed_small_is_chapter_15_and_output_channels_are_checked():
+    betas = linear_beta_schedule(100)
+    base, ours = GaussianDiffusion(betas), ImprovedDiffusion(betas, variance_type="fixed_small")
+    model = StandIn(learned=False).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    t = torch.tensor([1, 57])
+    with torch.no_grad():
+        a, b = base.p_mean_variance(model, x, t), ours.p_mean_variance(model, x, t)
+    for k in ("mean", "variance", "x0"):
+        assert torch.allclose(a[k].expand_as(x), b[k].expand_as(x), rtol=0, atol=1e-15)
+    # at t = 0 the posterior variance is 0; ours uses the clipped log-variance there (the decoder needs a width)
+    with torch.no_grad():
+        a, b = base.p_mean_variance(model, x, torch.tensor([0, 0])), ours.p_mean_variance(model, x, torch.tensor([0, 0]))
+    assert torch.allclose(a["mean"], b["mean"], rtol=0, atol=1e-15)
+    assert torch.allclose(b["variance"], base.posterior_variance[1].expand_as(x))
+    with pytest.raises(ValueError, match="2C"):
+        ImprovedDiffusion(betas, variance_type="learned_range").p_mean_variance(model, x, t)
+    with pytest.raises(ValueError, match="variance_type"):
+        ImprovedDiffusion(betas, variance_type="learned")
+
+
+def test_vlb_terms_zero_kl_at_the_true_posterior():
+    """If the model's mean and variance are the posterior's, every KL term vanishes."""
+    d = ImprovedDiffusion(cosine_beta_schedule(50), variance_type="fixed_small")
+    x0 = _images(2)
+    t = torch.tensor([3, 30])
+    noise = torch.randn_like(x0)
+    xt = d.q_sample(x0, t, noise)
+    assert vlb_terms(d, noise, x0, xt, t).abs().max() < 1e-10        # the true eps recovers x0 exactly
+    assert (vlb_terms(d, noise + 0.1, x0, xt, t) > 1e-4).all()
+
+
+def test_prior_term_matches_the_formula():
+    d = GaussianDiffusion(cosine_beta_schedule(100))
+    x0 = _images(3)
+    ab = d.alpha_bar[-1]
+    by_hand = 0.5 * (-1 - torch.log(1 - ab) + (1 - ab) + ab * x0 ** 2).flatten(1).mean(1) / math.log(2)
+    assert torch.allclose(prior_bpd(d, x0), by_hand, rtol=1e-9)
+
+
+def test_nll_estimate_is_unbiased_and_exact_sum_has_all_terms():
+    torch.manual_seed(0)
+    d = ImprovedDiffusion(cosine_beta_schedule(12))
+    model = StandIn().double()
+    x0 = _images(2)
+    exact = nll_bpd(d, model, x0, generator=torch.Generator().manual_seed(0))
+    assert exact["terms"].shape == (2, 12)
+    assert torch.allclose(exact["bpd"], exact["prior"] + exact["terms"].sum(1))
+    exacts = torch.stack([nll_bpd(d, model, x0, generator=torch.Generator().manual_seed(s))["bpd"] for s in range(60)])
+    ests = torch.stack([nll_bpd(d, model, x0, t_samples=3, generator=torch.Generator().manual_seed(100 + s))["bpd"]
+                        for s in range(300)])
+    se = (ests.var(0) / len(ests) + exacts.var(0) / len(exacts)).sqrt()
+    assert ((ests.mean(0) - exacts.mean(0)).abs() < 4 * se).all()
+
+
+def test_hybrid_loss_stop_gradient_and_value():
+    d = ImprovedDiffusion(cosine_beta_schedule(100))
+    model = StandIn()
+    x0 = _images(4).float()
+    out = hybrid_loss(d, model, x0, generator=torch.Generator().manual_seed(0))
+    assert torch.isclose(out["loss"], out["mse"] + 0.001 * 100 * out["vlb"].mean())
+    model.zero_grad()
+    out["vlb"].mean().backward()
+    assert model.eps.weight.grad is None or model.eps.weight.grad.abs().max() == 0
+    assert model.v.weight.grad.abs().max() > 0
+    # training_loss dispatches: hybrid for learned variance, chapter 15's MSE for a fixed one
+    g = torch.Generator().manual_seed(0)
+    assert torch.isclose(d.training_loss(model, x0, generator=g), out["loss"].detach())
+    fixed = ImprovedDiffusion(linear_beta_schedule(100), variance_type="fixed_small")
+    eps_model = StandIn(learned=False)
+    a = fixed.training_loss(eps_model, x0, generator=torch.Generator().manual_seed(1))
+    b = GaussianDiffusion(linear_beta_schedule(100)).training_loss(eps_model, x0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+
+def _tiny_unet():
+    torch.manual_seed(0)
+    return UNet(UNetConfig(base_channels=8, channel_mult=(1,), attention_levels=(False,), layers_per_block=1,
+                           norm_groups=4, dropout=0.1, out_channels=6, image_size=8, mid_attention=False))
+
+
+def test_hybrid_training_resumes_exactly(tmp_path, monkeypatch):
+    """Chapter 16's train_ddpm with the hybrid loss: a run killed mid-way and resumed ends with the weights of
+    one that never stopped (the loss draws t and eps only from the step's generator; dropout from the saved RNG)."""
+    d = ImprovedDiffusion(cosine_beta_schedule(50))
+    images = _images(16).float()
+    kw = dict(steps=6, batch_size=4, lr=1e-3, warmup=2, ema_decay=0.9, seed=3, save_every=2)
+
+    straight = _tiny_unet()
+    torch.manual_seed(11)
+    r1 = train_ddpm(straight, d, images, checkpoint=tmp_path / "a.safetensors", **kw)
+
+    resumed = _tiny_unet()
+    torch.manual_seed(11)
+    with monkeypatch.context() as m:
+        m.setattr(unet_module, "progress", crashing_progress(at=3))
+        with pytest.raises(Crash):
+            train_ddpm(resumed, d, images, checkpoint=tmp_path / "b.safetensors", **kw)
+    resumed = _tiny_unet()
+    r2 = train_ddpm(resumed, d, images, checkpoint=tmp_path / "b.safetensors", **kw)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    for a, b in zip(r1["ema"].model.state_dict().values(), r2["ema"].model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [l for _, l in r1["loss"]] == [l for _, l in r2["loss"]]
