@@ -1,0 +1,188 @@
+"""Unit tests of groundup.vae (chapter 14): the KL, the likelihoods, the reparameterization, the model,
+the importance-weighted bound and an exact resume of the training loop."""
+
+import math
+
+import pytest
+import torch
+from conftest import Crash, crashing_progress
+from torch.distributions import Bernoulli, MultivariateNormal, Normal, kl_divergence
+
+from groundup.vae import (VAE, VAEConfig, bernoulli_log_likelihood, binarize, dequantize, evaluate_vae,
+                          gaussian_kl, gaussian_log_density, iwae_bound, reparameterize, train_vae)
+
+
+def _gaussians(shape, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=dtype) for _ in range(4)]
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    mu_q, lv_q, mu_p, lv_p = _gaussians((7, 5))
+    ref = kl_divergence(Normal(mu_q, (0.5 * lv_q).exp()), Normal(mu_p, (0.5 * lv_p).exp())).sum(-1)
+    assert torch.allclose(gaussian_kl(mu_q, lv_q, mu_p, lv_p), ref, rtol=0, atol=1e-12)
+    ref0 = kl_divergence(Normal(mu_q, (0.5 * lv_q).exp()), Normal(0.0, 1.0)).sum(-1)
+    assert torch.allclose(gaussian_kl(mu_q, lv_q), ref0, rtol=0, atol=1e-12)
+
+
+def test_gaussian_kl_is_zero_only_for_equal_gaussians_and_asymmetric():
+    mu, lv, mu2, lv2 = _gaussians((3, 4), seed=1)
+    assert torch.allclose(gaussian_kl(mu, lv, mu, lv), torch.zeros(3, dtype=torch.float64), atol=1e-12)
+    assert (gaussian_kl(mu, lv, mu2, lv2) > 0).all()
+    assert not torch.allclose(gaussian_kl(mu, lv, mu2, lv2), gaussian_kl(mu2, lv2, mu, lv))
+
+
+def test_gaussian_kl_matches_monte_carlo():
+    mu_q, lv_q, mu_p, lv_p = _gaussians((3, 4), seed=2)
+    eps = torch.randn(100_000, 3, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    z = reparameterize(mu_q, lv_q, eps)
+    terms = gaussian_log_density(z, mu_q, lv_q) - gaussian_log_density(z, mu_p, lv_p)
+    se = terms.std(0) / math.sqrt(len(terms))
+    assert ((terms.mean(0) - gaussian_kl(mu_q, lv_q, mu_p, lv_p)).abs() < 5 * se).all()
+
+
+def test_log_likelihoods_match_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 30, generator=g, dtype=torch.float64) * 4
+    x = torch.bernoulli(torch.full((6, 30), 0.3, dtype=torch.float64), generator=g)
+    assert torch.allclose(bernoulli_log_likelihood(logits, x), Bernoulli(logits=logits).log_prob(x).sum(-1), atol=1e-12)
+    mean, lv, xc, _ = _gaussians((6, 30), seed=4)
+    ref = Normal(mean, (0.5 * lv).exp()).log_prob(xc).sum(-1)
+    assert torch.allclose(gaussian_log_density(xc, mean, lv), ref, atol=1e-12)
+
+
+def test_bernoulli_log_likelihood_is_stable_for_extreme_logits():
+    out = bernoulli_log_likelihood(torch.tensor([[80.0, -80.0, 80.0]]), torch.tensor([[0.0, 1.0, 1.0]]))
+    assert torch.isfinite(out).all() and abs(out.item() + 160.0) < 1e-3
+
+
+def test_reparameterize_moments_and_gradient():
+    mu = torch.tensor([0.5, -1.0], requires_grad=True)
+    lv = torch.tensor([math.log(0.25), math.log(9.0)], requires_grad=True)
+    eps = torch.randn(200_000, 2, generator=torch.Generator().manual_seed(0))
+    z = reparameterize(mu, lv, eps)
+    assert torch.allclose(z.mean(0), mu, atol=0.03) and torch.allclose(z.var(0), lv.exp(), rtol=0.02)
+    z.var(0).sum().backward()                              # d Var[z] / d logvar = Var[z]
+    assert torch.allclose(lv.grad, lv.exp().detach(), rtol=0.03)
+
+
+def test_binarize_and_dequantize():
+    imgs = torch.tensor([[0, 255, 128, 64]], dtype=torch.uint8)
+    assert torch.equal(binarize(imgs, "threshold"), torch.tensor([[0.0, 1.0, 1.0, 0.0]]))
+    a = binarize(imgs.expand(20_000, 4), "stochastic", torch.Generator().manual_seed(0))
+    b = binarize(imgs.expand(20_000, 4), "stochastic", torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and set(a.unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(a.mean(0), imgs[0].float() / 255, atol=0.015)
+    d = dequantize(imgs.expand(1000, 4), torch.Generator().manual_seed(0))
+    assert ((d * 256).floor() == imgs.float()).all() and (d < 1).all()
+    with pytest.raises(ValueError, match="mode"):
+        binarize(imgs, "round")
+    with pytest.raises(ValueError, match="uint8"):
+        dequantize(imgs.float())
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        binarize(torch.tensor([2.0]))
+
+
+def test_vae_shapes_and_elbo_terms():
+    torch.manual_seed(0)
+    for cfg in (VAEConfig(x_dim=20, hidden=16, n_hidden=2, z_dim=3),
+                VAEConfig(x_dim=20, hidden=16, n_hidden=1, z_dim=3, likelihood="gaussian"),
+                VAEConfig(x_dim=20, hidden=16, n_hidden=1, z_dim=3, likelihood="gaussian", decoder_std=0.3)):
+        model = VAE(cfg)
+        x = torch.rand(5, 20).round() if cfg.likelihood == "bernoulli" else torch.rand(5, 20)
+        out = model(x, generator=torch.Generator().manual_seed(0))
+        assert out["elbo"].shape == (5,) and out["z"].shape == (5, 3)
+        assert torch.allclose(out["elbo"], out["rec"] - out["kl"])
+        mu, lv = model.encode(x)
+        z = reparameterize(mu, lv, torch.randn(5, 3, generator=torch.Generator().manual_seed(0)))
+        assert torch.allclose(out["z"], z)
+        assert torch.allclose(out["rec"], model.log_likelihood(x, z))
+        if cfg.likelihood == "gaussian":
+            mean, logvar = model.decode(z)
+            expected = 2 * math.log(0.3) if cfg.decoder_std else None
+            if expected is not None:
+                assert torch.allclose(logvar, torch.full_like(logvar, expected))
+            else:
+                assert (logvar >= cfg.min_logvar).all()
+    with pytest.raises(ValueError, match="likelihood"):
+        VAE(VAEConfig(likelihood="laplace"))
+
+
+def test_iwae_bound_on_linear_gaussian_model():
+    """In a linear-Gaussian model log p(x) is exact: L_1 = ELBO <= L_K <= log p(x), and L_K -> log p(x)."""
+    torch.manual_seed(0)
+    D, d, s = 4, 2, 0.6
+    W, b, x = torch.randn(D, d, dtype=torch.float64), torch.randn(D, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
+    log_px = MultivariateNormal(b, W @ W.T + s**2 * torch.eye(D, dtype=torch.float64)).log_prob(x).item()
+    cov = torch.linalg.inv(torch.eye(d, dtype=torch.float64) + W.T @ W / s**2)
+    mean = cov @ W.T @ (x - b) / s**2
+
+    class Toy(torch.nn.Module):
+        def encode(self, xs):
+            return mean.expand(len(xs), d), torch.full((len(xs), d), math.log(1.5), dtype=torch.float64)
+
+        def log_likelihood(self, xs, z):
+            return gaussian_log_density(xs, z @ W.T + b, torch.full_like(xs, 2 * math.log(s)))
+
+    xs, g = x.expand(2000, D), torch.Generator().manual_seed(1)
+    L = {K: iwae_bound(Toy(), xs, K, generator=g, chunk=200).mean().item() for K in (1, 10, 1000)}
+    assert L[1] < L[10] < L[1000] < log_px + 1e-3
+    assert log_px - L[1000] < 0.05 * (log_px - L[1])
+    with pytest.raises(ValueError, match="K"):
+        iwae_bound(Toy(), xs, 0)
+
+
+def _toy_images(n=96, seed=0):
+    """Two prototypes, the left or the right half of 16 pixels lit (255), with a few grey pixels: a structure
+    a 2-D latent can capture, where a model without it pays about 16 log 2 nats per image."""
+    g = torch.Generator().manual_seed(seed)
+    side = torch.randint(0, 2, (n, 1), generator=g)
+    left = (torch.arange(16) < 8)[None]
+    images = torch.where(left == side.bool(), 255, 0)
+    grey = torch.rand(n, 16, generator=g) < 0.1
+    return torch.where(grey, 128, images).to(torch.uint8)
+
+
+def test_training_improves_the_bound():
+    X = _toy_images()
+    X_eval = binarize(X[:32], "stochastic", torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(x_dim=16, hidden=32, n_hidden=1, z_dim=2))
+    before = evaluate_vae(model, X_eval)["neg_elbo"]
+    h = train_vae(model, X, steps=150, batch_size=16, lr=1e-2, seed=0, X_eval=X_eval, eval_every=50)
+    after = evaluate_vae(model, X_eval, K=20)
+    assert after["neg_elbo"] < before - 3.0
+    assert after["neg_iwae_20"] <= after["neg_elbo"] + 0.5
+    assert [s for s, _ in h["eval"]] == [50, 100, 150] and len(h["train"]) == len(h["kl"]) == 150
+    with pytest.raises(ValueError, match="uint8"):
+        train_vae(model, X.float(), steps=1, batch_size=4, lr=1e-3, seed=0)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_train_vae_resumes_exactly(tmp_path, monkeypatch, likelihood):
+    """A run killed mid-way and resumed from its last checkpoint ends with exactly the weights and history of an
+    uninterrupted run: batches, binarization/dequantization and eps all come from per-step generators."""
+    import groundup.vae as vae_module
+
+    X = _toy_images()
+    X_eval = binarize(X[:16], "stochastic", torch.Generator().manual_seed(0))
+    cfg = VAEConfig(x_dim=16, hidden=12, n_hidden=1, z_dim=2, likelihood=likelihood)
+    kw = dict(steps=40, batch_size=8, lr=5e-3, seed=3, X_eval=X_eval, eval_every=10, save_every=10)
+
+    torch.manual_seed(0)
+    straight = VAE(cfg)
+    h1 = train_vae(straight, X, **kw)
+
+    ckpt = tmp_path / "vae.safetensors"
+    monkeypatch.setattr(vae_module, "progress", crashing_progress(25))
+    torch.manual_seed(0)
+    with pytest.raises(Crash):
+        train_vae(VAE(cfg), X, **kw, checkpoint=ckpt)
+    monkeypatch.undo()
+    torch.manual_seed(123)            # a different init and random state: everything must come from the checkpoint
+    torch.rand(7)
+    resumed = VAE(cfg)
+    h2 = train_vae(resumed, X, **kw, checkpoint=ckpt)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert h1 == h2 and len(h2["train"]) == 40
