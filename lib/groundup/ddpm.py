@@ -15,7 +15,7 @@ from groundup.checkpoint import load_checkpoint, save_checkpoint
 from groundup.runtime import autocast, batch_indices, progress
 
 
-# %% notebooks/15_ddpm_mnist.ipynb, cell 4
+# %% notebooks/15_ddpm_mnist.ipynb, cell 6
 def extract(a: torch.Tensor, t: torch.Tensor, shape) -> torch.Tensor:
     """a[t] for a batch of timesteps t (B,), reshaped to (B, 1, 1, ...) so that it broadcasts against `shape`.
 
@@ -41,7 +41,7 @@ def linear_beta_schedule(T: int = 1000, beta_start: float = 1e-4, beta_end: floa
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
 
 
-# %% notebooks/15_ddpm_mnist.ipynb, cell 5
+# %% notebooks/15_ddpm_mnist.ipynb, cell 11
 class GaussianDiffusion:
     """The forward process q, its posterior, and the reverse process p_theta of DDPM (Ho et al. 2020).
 
@@ -73,7 +73,14 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (1.0 - self.alpha_bar_prev) * self.alphas.sqrt() / (1.0 - self.alpha_bar)
 
     def _get(self, a, t, x):
-        return extract(a, t.to(x.device) if torch.is_tensor(t) else torch.tensor(t, device=x.device), x.shape).to(x.dtype)
+        """extract(a, t, x.shape) on x's device, in x's dtype (device copies of the schedule are cached)."""
+        t = t.to(x.device) if torch.is_tensor(t) else torch.tensor(t, device=x.device)
+        cache = self.__dict__.setdefault("_device_cache", {})
+        key = (id(a), x.device)
+        if key not in cache or cache[key][0] is not a:
+            # MPS has no float64: the schedule goes there as float32
+            cache[key] = (a, a.to(x.device, torch.float32 if x.device.type == "mps" else a.dtype))
+        return extract(cache[key][1], t, x.shape).to(x.dtype)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Eq. (4) reparameterized: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
@@ -141,51 +148,7 @@ class GaussianDiffusion:
         return F.mse_loss(model(xt, t).float(), noise.float())                                   # line 5
 
 
-# %% notebooks/15_ddpm_mnist.ipynb, cell 6
-class EMA:
-    """An exponential moving average of a model's weights: theta_ema <- d theta_ema + (1 - d) theta.
-
-    The shadow model is `ema.model`, a deep copy in eval mode without gradients; sample with it.
-    With `warmup=True` the decay is min(decay, (1 + n) / (10 + n)) after n updates, so the average
-    forgets the random initialization early in a short run."""
-
-    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = False):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay, self.warmup, self.num_updates = decay, warmup, 0
-        self.model = copy.deepcopy(model).eval()
-        self.model.requires_grad_(False)
-
-    def current_decay(self) -> float:
-        if self.warmup:
-            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        return self.decay
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        d = self.current_decay()
-        for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1.0 - d)              # ema = d ema + (1 - d) p
-        for ema_b, b in zip(self.model.buffers(), model.buffers()):
-            ema_b.copy_(b)                                # buffers (e.g. batch-norm statistics) are copied
-        self.num_updates += 1
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        """Load the averaged weights into `model`."""
-        model.load_state_dict(self.model.state_dict())
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
-                "model": self.model.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.decay, self.warmup = state["decay"], state.get("warmup", False)
-        self.num_updates = state["num_updates"]
-        self.model.load_state_dict(state["model"])
-
-
-# %% notebooks/15_ddpm_mnist.ipynb, cell 7
+# %% notebooks/15_ddpm_mnist.ipynb, cell 24
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """(B,) integer timesteps -> (B, dim) features [sin(t w_0), ..., sin(t w_{h-1}), cos(t w_0), ...] with
     w_i = max_period^(-i / h), h = dim / 2: the Transformer's position encoding, used for the time t.
@@ -259,7 +222,63 @@ class TinyUNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))                       # (B, 1, 28, 28): eps_theta
 
 
-# %% notebooks/15_ddpm_mnist.ipynb, cell 8
+# %% notebooks/15_ddpm_mnist.ipynb, cell 27
+class EMA:
+    """An exponential moving average of a model's weights: theta_ema <- d theta_ema + (1 - d) theta.
+
+    The shadow model is `ema.model`, a deep copy in eval mode without gradients; sample with it.
+    With `warmup=True` the decay is min(decay, (1 + n) / (10 + n)) after n updates, so the average
+    forgets the random initialization early in a short run."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = False):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay, self.warmup, self.num_updates = decay, warmup, 0
+        self.model = copy.deepcopy(model).eval()
+        self.model.requires_grad_(False)
+
+    def current_decay(self) -> float:
+        if self.warmup:
+            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1.0 - d)              # ema = d ema + (1 - d) p
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)                                # buffers (e.g. batch-norm statistics) are copied
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the averaged weights into `model`."""
+        model.load_state_dict(self.model.state_dict())
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
+                "model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.warmup = state["decay"], state.get("warmup", False)
+        self.num_updates = state["num_updates"]
+        self.model.load_state_dict(state["model"])
+
+
+# %% notebooks/15_ddpm_mnist.ipynb, cell 31
+def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> torch.Tensor:
+    """(N, C, H, W) images in [-1, 1] -> one (H', W', C) array in [0, 1] for plt.imshow, nrow images per row."""
+    n, c, h, w = images.shape
+    ncol = math.ceil(n / nrow)
+    grid = torch.ones(c, ncol * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i, img in enumerate(images.detach().float().cpu().clamp(-1, 1)):
+        r, q = divmod(i, nrow)
+        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = (img + 1) / 2
+    return grid.permute(1, 2, 0).squeeze(-1) if c == 1 else grid.permute(1, 2, 0)
+
+
+# %% notebooks/15_ddpm_mnist.ipynb, cell 34
 def train_diffusion(model: nn.Module, ema: EMA, diffusion: GaussianDiffusion, images: torch.Tensor, *, steps: int,
                     batch_size: int, lr: float, seed: int, warmup: int = 0, grad_clip: float | None = 1.0,
                     checkpoint=None, save_every: int = 500, device="cpu") -> dict:
