@@ -16,6 +16,7 @@ def _features(seed, n, d, shift=0.0):
     return rng.standard_normal((n, d)) @ A + shift
 
 
+@pytest.mark.filterwarnings("ignore:The `disp` argument:DeprecationWarning")   # SciPy vs pytorch-fid, not ours
 @pytest.mark.parametrize("d,n", [(8, 50), (64, 400)])
 def test_frechet_distance_matches_pytorch_fid_and_scipy(d, n):
     from pytorch_fid.fid_score import calculate_frechet_distance
@@ -77,13 +78,11 @@ def test_classifier_features_and_fd_ordering():
 
 
 def test_inception_without_network_says_why(monkeypatch, capsys):
-    import torch.hub
     import urllib.error
 
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("no network in the unit tests")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     import pytorch_fid.inception as inc
     monkeypatch.setattr(inc, "load_state_dict_from_url", no_network, raising=False)
     with pytest.raises(RuntimeError, match="Inception weights could not be loaded"):

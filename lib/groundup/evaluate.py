@@ -25,7 +25,7 @@ def symmetric_sqrt(sigma) -> torch.Tensor:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """eq. (5), with tr (Sigma1 Sigma2)^{1/2} from eq. (7); numpy arrays or tensors, computed in float64"""
+    """Eq. (5), with tr (Sigma1 Sigma2)^{1/2} from eq. (7); numpy arrays or tensors, computed in float64"""
     mu1, mu2, sigma1, sigma2 = (_as_float64(a) for a in (mu1, mu2, sigma1, sigma2))
     D = mu1.shape[0]
     if mu1.shape != (D,) or mu2.shape != (D,) or sigma1.shape != (D, D) or sigma2.shape != (D, D):
@@ -39,7 +39,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def feature_statistics(features) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean and unbiased covariance (float64) of (N, D) features"""
+    """Mean and unbiased covariance (float64) of (N, D) features"""
     f = _as_float64(features)
     if f.dim() != 2 or f.shape[0] < 2:
         raise ValueError(f"features must be (N, D) with N >= 2, got shape {tuple(f.shape)}")
@@ -55,7 +55,7 @@ def quick_classifier_path(profile: str | None = None):
 
 def get_cifar_classifier(device="cpu", *, n_train: int | None = None, epochs: int | None = None, widths=None,
                          verbose=True):
-    """chapter 03's saved classifier; if there is none, a quick one trained with chapter 03's code (and saved)"""
+    """Chapter 03's saved classifier; if there is none, a quick one trained with chapter 03's code (and saved)"""
     try:
         model = load_cifar_classifier(device=device)
         if verbose:
@@ -63,7 +63,8 @@ def get_cifar_classifier(device="cpu", *, n_train: int | None = None, epochs: in
                   f"test accuracy {model.info.get('test_accuracy', float('nan')):.3f})")
         return model
     except FileNotFoundError:
-        reason = f"no chapter-03 classifier saved in {checkpoint_dir()} (run notebooks/03_cnn_cifar10.ipynb to make one)"
+        reason = (f"no chapter-03 classifier saved in {checkpoint_dir()} "
+                  "(run notebooks/03_cnn_cifar10.ipynb to make one)")
     full = get_profile() == "full"                 # the quick classifier's size: small on a CPU, chapter 03's on a GPU
     n_train = n_train or (50_000 if full else 2500)
     epochs = epochs or (10 if full else 4)
@@ -100,7 +101,7 @@ def _check_images(images: torch.Tensor) -> torch.Tensor:
 
 
 def classifier_features(images: torch.Tensor, classifier=None) -> torch.Tensor:
-    """chapter 03's classifier's penultimate features of images in [0, 1], (N, D) float32 on the CPU"""
+    """Chapter 03's classifier's penultimate features of images in [0, 1], (N, D) float32 on the CPU"""
     classifier = classifier if classifier is not None else get_cifar_classifier()
     return extract_features(classifier, _check_images(images))
 
@@ -112,7 +113,7 @@ def _statistics(reference, features_fn):
 
 
 def fd_cifar_classifier(images, reference_images_or_stats, classifier=None) -> float:
-    """"FD_cls (chapter-03 classifier features)": eq. (5) in the classifier's feature space"""
+    """The metric "FD_cls (chapter-03 classifier features)": eq. (5) in the classifier's feature space"""
     classifier = classifier if classifier is not None else get_cifar_classifier()
     mu1, s1 = feature_statistics(classifier_features(images, classifier))
     mu2, s2 = _statistics(reference_images_or_stats, lambda x: classifier_features(x, classifier))
@@ -124,7 +125,7 @@ FID_WEIGHTS = "pytorch-fid's pt_inception-2015-12-05 (the TensorFlow FID Incepti
 
 
 def load_inception(device="cpu"):
-    """pytorch-fid's InceptionV3 for FID: pool3 (2048-d), bilinear resize to 299, input [0, 1] -> [-1, 1]"""
+    """The FID network, pytorch-fid's InceptionV3: pool3 (2048-d), bilinear resize to 299, [0, 1] -> [-1, 1]"""
     try:
         from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
     except ImportError:

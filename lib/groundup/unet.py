@@ -36,7 +36,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000, flip_
 
 # %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 11
 class ResnetBlock(nn.Module):
-    """eq. (3): GN -> SiLU -> conv3x3, + time projection, GN -> SiLU -> dropout -> conv3x3, + skip"""
+    """Eq. (3): GN -> SiLU -> conv3x3, + time projection, GN -> SiLU -> dropout -> conv3x3, + skip"""
     def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, groups: int, eps: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, c_in, eps=eps)
@@ -56,7 +56,7 @@ class ResnetBlock(nn.Module):
 
 # %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 14
 class AttentionBlock(nn.Module):
-    """eq. (4): GroupNorm, then attention among the H*W positions, plus the input"""
+    """Eq. (4): GroupNorm, then attention among the H*W positions, plus the input"""
     def __init__(self, channels: int, groups: int, eps: float, head_dim: int | None = None):
         super().__init__()
         head_dim = head_dim or channels                              # None: a single head (Ho et al.)
@@ -112,7 +112,7 @@ class UNetConfig:
 
 
 class TimestepMLP(nn.Module):
-    """e(t) = W2 SiLU(W1 emb(t) + b1) + b2"""
+    """The time MLP: e(t) = W2 SiLU(W1 emb(t) + b1) + b2"""
     def __init__(self, dim: int, out_dim: int):
         super().__init__()
         self.linear_1 = nn.Linear(dim, out_dim)
@@ -123,7 +123,7 @@ class TimestepMLP(nn.Module):
 
 
 class Downsample(nn.Module):
-    """a stride-2 3x3 convolution; padding 0 pads one pixel right and bottom first (TensorFlow's 'SAME')"""
+    """A stride-2 3x3 convolution; padding 0 pads one pixel right and bottom first (TensorFlow's 'SAME')"""
     def __init__(self, channels: int, padding: int):
         super().__init__()
         self.padding = padding
@@ -134,7 +134,7 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """nearest-neighbour x2, then a 3x3 convolution"""
+    """Nearest-neighbour x2, then a 3x3 convolution"""
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
@@ -145,7 +145,7 @@ class Upsample(nn.Module):
 
 # %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 18
 class DownBlock(nn.Module):
-    """one resolution of the down path: (resnet [+ attention]) x n, then downsample; returns the skips it made"""
+    """One resolution of the down path: (resnet [+ attention]) x n, then downsample; returns the skips it made"""
     def __init__(self, c_in: int, c_out: int, n: int, attention: bool, downsample: bool, temb_dim: int,
                  cfg: UNetConfig):
         super().__init__()
@@ -169,7 +169,7 @@ class DownBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """resnet, attention, resnet at the lowest resolution"""
+    """Resnet, attention, resnet at the lowest resolution"""
     def __init__(self, channels: int, temb_dim: int, cfg: UNetConfig):
         super().__init__()
         args = dict(temb_dim=temb_dim, dropout=cfg.dropout, groups=cfg.norm_groups, eps=cfg.norm_eps)
@@ -185,7 +185,7 @@ class MidBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """one resolution of the up path: (concat a skip, resnet [+ attention]) x len(skip_channels), then upsample"""
+    """One resolution of the up path: (concat a skip, resnet [+ attention]) x len(skip_channels), then upsample"""
     def __init__(self, c_in: int, skip_channels: list, c_out: int, attention: bool, upsample: bool, temb_dim: int,
                  cfg: UNetConfig):
         super().__init__()
@@ -276,7 +276,7 @@ class UNet(nn.Module):
 
 # %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 22
 def diffusers_unet_kwargs(config: UNetConfig) -> dict:
-    """the UNet2DModel arguments that build our architecture"""
+    """The UNet2DModel arguments that build our architecture"""
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention_levels))
     return dict(sample_size=config.image_size, in_channels=config.in_channels, out_channels=config.out_channels,
@@ -289,18 +289,19 @@ def diffusers_unet_kwargs(config: UNetConfig) -> dict:
 
 
 def to_diffusers_unet(model: UNet):
-    """a diffusers UNet2DModel with our weights: the same outputs (its dtype, device and train/eval mode too)"""
+    """A diffusers UNet2DModel with our weights: the same outputs (its dtype, device and train/eval mode too)"""
     from diffusers import UNet2DModel
 
     ref = UNet2DModel(**diffusers_unet_kwargs(model.config))
     state = {k.replace(".to_out.", ".to_out.0."): v for k, v in model.state_dict().items()}
     ref.load_state_dict(state, strict=True)
     p = next(model.parameters())
-    return nn.Module.to(ref, device=p.device, dtype=p.dtype).train(model.training)   # plain Module.to: no diffusers dtype warning
+    # nn.Module.to, not diffusers' own .to, which warns about dtype casts
+    return nn.Module.to(ref, device=p.device, dtype=p.dtype).train(model.training)
 
 
 def from_diffusers_unet(ref) -> UNet:
-    """the reverse: our UNet with the weights of a UNet2DModel built by diffusers_unet_kwargs(config)"""
+    """The reverse: our UNet with the weights of a UNet2DModel built by diffusers_unet_kwargs(config)"""
     c = ref.config
     mult = [b // c.block_out_channels[0] for b in c.block_out_channels]
     config = UNetConfig(in_channels=c.in_channels, out_channels=c.out_channels, base_channels=c.block_out_channels[0],
@@ -393,7 +394,7 @@ def train_ddpm(model: nn.Module, diffusion: GaussianDiffusion, images: torch.Ten
 @torch.no_grad()
 def sample_images(diffusion: GaussianDiffusion, model: nn.Module, n: int, *, batch_size: int = 500, seed: int = 0,
                   device="cpu", image_shape=(3, 32, 32), progress_bar: bool = True) -> torch.Tensor:
-    """n samples by Algorithm 2, in [0, 1] on the CPU; batch b uses a generator seeded by (seed, b)"""
+    """`n` samples by Algorithm 2, in [0, 1] on the CPU; batch b uses a generator seeded by (seed, b)"""
     model.eval()
     out = []
     for b, start in enumerate(range(0, n, batch_size)):
