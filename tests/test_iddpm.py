@@ -192,10 +192,13 @@ def test_nll_estimate_is_unbiased_and_exact_sum_has_all_terms():
     assert exact["terms"].shape == (2, 12)
     assert torch.allclose(exact["bpd"], exact["prior"] + exact["terms"].sum(1))
     exacts = torch.stack([nll_bpd(d, model, x0, generator=torch.Generator().manual_seed(s))["bpd"] for s in range(60)])
-    ests = torch.stack([nll_bpd(d, model, x0, t_samples=3, generator=torch.Generator().manual_seed(100 + s))["bpd"]
-                        for s in range(300)])
-    se = (ests.var(0) / len(ests) + exacts.var(0) / len(exacts)).sqrt()
-    assert ((ests.mean(0) - exacts.mean(0)).abs() < 4 * se).all()
+    for m in (0, 3):
+        ests = torch.stack([nll_bpd(d, model, x0, t_samples=3, exact_first=m,
+                                    generator=torch.Generator().manual_seed(100 + s))["bpd"] for s in range(300)])
+        se = (ests.var(0) / len(ests) + exacts.var(0) / len(exacts)).sqrt()
+        assert ((ests.mean(0) - exacts.mean(0)).abs() < 4 * se).all(), m
+    with pytest.raises(ValueError, match="exact_first"):
+        nll_bpd(d, model, x0, t_samples=2, exact_first=12)
 
 
 def test_hybrid_loss_stop_gradient_and_value():

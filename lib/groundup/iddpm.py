@@ -169,27 +169,35 @@ def prior_bpd(diffusion: GaussianDiffusion, x0: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def nll_bpd(diffusion: ImprovedDiffusion, model, x0: torch.Tensor, *, t_samples: int | None = None,
-            generator=None, clip_x0: bool = True) -> dict:
+            exact_first: int = 0, generator=None, clip_x0: bool = True) -> dict:
     """Negative log-likelihood bound L_vlb (eq. 2) in bits/dim (eq. 13) for each image of x0 (B, C, H, W) in [-1, 1].
 
-    t_samples=None: the exact sum over all T terms plus the prior term L_T (T forward passes per image).
-    t_samples=k: the unbiased estimate L_T + T * mean of L_t over k timesteps drawn uniformly per image (eq. 16).
-    Returns {"bpd": (B,), "prior": (B,), "terms": (B, T) or None (the exact per-t terms), "t": timesteps used}."""
+    t_samples=None: the sum over all T terms plus the prior term L_T (T forward passes per image).
+    t_samples=k: the unbiased estimate of eq. (16): L_T, plus the first `exact_first` terms exactly, plus
+    (T - exact_first) times the mean of L_t over k timesteps drawn uniformly from the others.
+    Returns {"bpd": (B,), "prior": (B,), "terms": (B, T) or None (the per-t terms of the full sum), "t": timesteps}."""
     B, T = x0.shape[0], diffusion.T
     if t_samples is None:
         ts = torch.arange(T, device=x0.device).expand(B, T)
     else:
-        ts = torch.randint(0, T, (B, t_samples), generator=generator, device=x0.device)
+        if not 0 <= exact_first < T or t_samples < 1:
+            raise ValueError(f"need t_samples >= 1 and 0 <= exact_first < T = {T}, got {t_samples}, {exact_first}")
+        first = torch.arange(exact_first, device=x0.device).expand(B, exact_first)
+        rest = torch.randint(exact_first, T, (B, t_samples), generator=generator, device=x0.device)
+        ts = torch.cat([first, rest], dim=1)
     terms = torch.empty(ts.shape, dtype=torch.float64)
     for j in range(ts.shape[1]):
-        t = ts[:, j]
+        t = ts[:, j].contiguous()
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         xt = diffusion.q_sample(x0, t, noise)
         with autocast(x0.device):
             out = model(xt, diffusion.timestep_map.to(t.device)[t])
         terms[:, j] = vlb_terms(diffusion, out.float(), x0, xt, t, clip_x0=clip_x0).double().cpu()
     prior = prior_bpd(diffusion, x0).double().cpu()
-    total = terms.sum(1) if t_samples is None else T * terms.mean(1)     # eq. (2) / eq. (16)
+    if t_samples is None:
+        total = terms.sum(1)                                                        # eq. (2)
+    else:
+        total = terms[:, :exact_first].sum(1) + (T - exact_first) * terms[:, exact_first:].mean(1)   # eq. (16)
     return {"bpd": prior + total, "prior": prior, "terms": terms if t_samples is None else None, "t": ts.cpu()}
 
 
