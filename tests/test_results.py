@@ -157,3 +157,19 @@ def test_number_formatting():
     assert results._fmt(123456.7) == "123,457"
     assert results._fmt(3, "%") == "3%"
     assert results._fmt("—", " s") == "—"
+
+
+def test_results_page_describes_any_data_record():
+    """Chapters record their data in different shapes; the results page words each without failing."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from results_table import describe_data
+
+    standard = {"train": {"dataset": "MNIST", "split": "train", "examples": 17435, "source": "mirror"}}
+    assert describe_data(standard) == "MNIST train: 17,435 examples from the mirror"
+    with_unit = {"val": {"dataset": "Tiny Shakespeare", "split": "last 10%", "examples": 111540, "unit": "characters"}}
+    assert describe_data(with_unit) == "Tiny Shakespeare last 10%: 111,540 characters"
+    mixed = {"train": {"dataset": "CIFAR-10", "examples": 5, "nll_images": 16}, "tokenizer": "BPE, vocabulary 512"}
+    assert describe_data(mixed) == "CIFAR-10: 5 examples (nll_images 16); tokenizer: BPE, vocabulary 512"
+    flat = {"dataset": "Tiny Shakespeare", "characters": 1115394, "lm_split": "90/10"}
+    assert describe_data(flat) == "Tiny Shakespeare: 1,115,394 characters (lm_split: 90/10)"

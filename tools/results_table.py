@@ -62,15 +62,34 @@ def readme(records: list[dict]) -> str:
     return f"# Results\n\n{INTRO}\n{summary(records)}\n"
 
 
+def _data_item(name: str, d) -> str:
+    """One data entry, e.g. "MNIST train: 17,435 examples from the mirror (...)"; unknown keys in parentheses."""
+    if not isinstance(d, dict):
+        return f"{name}: {d}"
+    used = {"dataset", "split", "source", "unit"}
+    text = " ".join(str(d[k]) for k in ("dataset", "split") if k in d) or name
+    count = next((k for k in ("examples", "characters", "tokens") if isinstance(d.get(k), int)), None)
+    if count:
+        used.add(count)
+        text += f": {d[count]:,} {d.get('unit', count)}"
+    if "source" in d:
+        text += f" from the {d['source']}"
+    extras = [f"{k} {v:,}" if isinstance(v, int) else f"{k}: {v}" for k, v in d.items() if k not in used]
+    return text + (f" ({'; '.join(extras)})" if extras else "")
+
+
+def describe_data(data: dict) -> str:
+    """A chapter's `data` record in words: one item per entry (or the whole record when no entry is a data set)."""
+    if any(isinstance(v, dict) for v in data.values()):
+        return "; ".join(_data_item(name, d) for name, d in data.items())
+    return _data_item("data", data)
+
+
 def book_page(records: list[dict]) -> str:
     parts = [f"# Results\n\n{INTRO}\n## All chapters\n\n{compact(records)}\n"]
     for rec in records:
         parts.append(f"\n## {rec['chapter']}: {rec['title']}\n\n{rows_markdown(rec)}\n")
-        data = "; ".join(
-            f"{d['dataset']} {d['split']}: {d.get('examples', d.get('characters')):,} "
-            f"{'examples' if 'examples' in d else 'characters'} from the {d['source']}"
-            for d in rec["data"].values())
-        parts.append(f"\nData: {data}.\n")
+        parts.append(f"\nData: {describe_data(rec['data'])}.\n")
         if rec.get("notes"):
             parts.append(f"\n{rec['notes']}\n")
     return "".join(parts)
