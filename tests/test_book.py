@@ -98,3 +98,13 @@ def test_display_math_renders(path):
             continue
         for block in re.findall(r"\$\$(.*?)\$\$", _text(cell), re.S):
             assert not ("\\\\" in block and "\\tag" in block), f"{path.name}: {block.strip()[:80]}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_markdown_has_no_control_characters(path):
+    """LaTeX written through a non-raw Python string loses its backslashes: `\\approx` becomes BEL + "pprox"
+    (MathJax: "Math input error") and `\\times` becomes TAB + "imes" (shown as "imes")."""
+    for number, cell in enumerate(_cells(path), start=1):
+        if cell["cell_type"] == "markdown":
+            bad = sorted({hex(ord(ch)) for ch in _text(cell) if ord(ch) < 32 and ch != "\n"})
+            assert not bad, f"{path.name}, cell {number}: control characters {bad} (a lost backslash?)"
