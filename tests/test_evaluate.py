@@ -7,7 +7,7 @@ import scipy.linalg
 import torch
 
 from groundup.evaluate import (classifier_features, fd_cifar_classifier, feature_statistics, fid_inception,
-                               frechet_distance, load_inception, symmetric_sqrt)
+                               frechet_distance, load_inception, quick_classifier_path, symmetric_sqrt)
 
 
 def _features(seed, n, d, shift=0.0):
@@ -89,3 +89,14 @@ def test_inception_without_network_says_why(monkeypatch, capsys):
         load_inception()
     assert fid_inception(torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)) is None
     assert "FID (Inception) skipped" in capsys.readouterr().out
+
+
+def test_quick_classifier_path_records_its_settings(tmp_path, monkeypatch):
+    """A quick classifier trained with other settings is never loaded in place of the one asked for."""
+    monkeypatch.setenv("BOOK_CHECKPOINT_DIR", str(tmp_path))
+    default = quick_classifier_path("smoke")
+    assert default.parent == tmp_path and default.suffix == ".safetensors"
+    assert default == quick_classifier_path("smoke", n_train=2500, epochs=4, widths=(16, 32, 32))
+    others = {quick_classifier_path("smoke", n_train=5000), quick_classifier_path("smoke", epochs=5),
+              quick_classifier_path("smoke", widths=[16, 32, 64]), quick_classifier_path("full")}
+    assert default not in others and len(others) == 4

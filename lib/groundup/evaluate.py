@@ -49,8 +49,19 @@ def feature_statistics(features) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 34
-def quick_classifier_path(profile: str | None = None):
-    return checkpoint_dir() / f"16_quick_cifar_classifier_{profile or get_profile()}.safetensors"
+def _quick_classifier_settings(profile: str | None = None, n_train=None, epochs=None, widths=None):
+    """(n_train, epochs, widths) of the quick classifier: the given values, else the profile's defaults"""
+    full = (profile or get_profile()) == "full"    # small on a CPU, chapter 03's size on a GPU
+    return (n_train or (50_000 if full else 2500), epochs or (10 if full else 4),
+            tuple(widths or ((64, 256, 256) if full else (16, 32, 32))))
+
+
+def quick_classifier_path(profile: str | None = None, *, n_train: int | None = None, epochs: int | None = None,
+                          widths=None):
+    """Where the quick classifier is saved; the name records the settings it was trained with"""
+    n_train, epochs, widths = _quick_classifier_settings(profile, n_train, epochs, widths)
+    return checkpoint_dir() / (f"16_quick_cifar_classifier_{profile or get_profile()}_n{n_train}_e{epochs}"
+                               f"_w{'-'.join(map(str, widths))}.safetensors")
 
 
 def get_cifar_classifier(device="cpu", *, n_train: int | None = None, epochs: int | None = None, widths=None,
@@ -65,11 +76,8 @@ def get_cifar_classifier(device="cpu", *, n_train: int | None = None, epochs: in
     except FileNotFoundError:
         reason = (f"no chapter-03 classifier saved in {checkpoint_dir()} "
                   "(run notebooks/03_cnn_cifar10.ipynb to make one)")
-    full = get_profile() == "full"                 # the quick classifier's size: small on a CPU, chapter 03's on a GPU
-    n_train = n_train or (50_000 if full else 2500)
-    epochs = epochs or (10 if full else 4)
-    widths = widths or ((64, 256, 256) if full else (16, 32, 32))
-    path = quick_classifier_path()
+    n_train, epochs, widths = _quick_classifier_settings(None, n_train, epochs, widths)
+    path = quick_classifier_path(n_train=n_train, epochs=epochs, widths=widths)
     if path.exists():
         model = load_cifar_classifier(path, device=device)
     else:
@@ -121,9 +129,6 @@ def fd_cifar_classifier(images, reference_images_or_stats, classifier=None) -> f
 
 
 # %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 35
-FID_WEIGHTS = "pytorch-fid's pt_inception-2015-12-05 (the TensorFlow FID Inception weights)"
-
-
 def load_inception(device="cpu"):
     """The FID network, pytorch-fid's InceptionV3: pool3 (2048-d), bilinear resize to 299, [0, 1] -> [-1, 1]"""
     try:
