@@ -70,7 +70,7 @@ class ImprovedDiffusion(GaussianDiffusion):
         else:                                                              # eq. (6)
             min_log = self._get(self.posterior_log_variance_clipped, t, x)  # log beta_tilde_t
             max_log = self._get(self.log_betas, t, x)                # log beta_t
-            v = (model_var_output + 1) / 2                                  # network output y in [-1, 1] -> v in [0, 1]
+            v = (model_var_output + 1) / 2                                  # v = (y + 1) / 2; y is not clamped
             log_var = v * max_log + (1 - v) * min_log
         return torch.exp(log_var), log_var
 
@@ -114,7 +114,7 @@ class ImprovedDiffusion(GaussianDiffusion):
 
 # %% notebooks/17_improved_ddpm.ipynb, cell 19
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
-    """Eq. (9): KL( N(mean1, e^logvar1) || N(mean2, e^logvar2) ) per element, in nats (arguments broadcast)."""
+    """Eq. (8): KL( N(mean1, e^logvar1) || N(mean2, e^logvar2) ) per element, in nats (arguments broadcast)."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
@@ -212,7 +212,7 @@ def hybrid_loss(diffusion: ImprovedDiffusion, model, x0: torch.Tensor, generator
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     xt = diffusion.q_sample(x0, t, noise)
-    out = model(xt, t).float()
+    out = model(xt, diffusion.timestep_map.to(t.device)[t]).float()             # original timestep (identity unless respaced)
     eps, y = diffusion.split_output(out, xt)
     mse = F.mse_loss(eps, noise.float())                                         # L_simple, eq. (14)
     frozen = torch.cat([eps.detach(), y], dim=1)                                 # eq. (15): stop-gradient on the mean
