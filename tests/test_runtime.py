@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -111,6 +112,19 @@ def test_autocast_is_a_no_op_on_cpu():
     with runtime.autocast("cpu"):
         y = torch.ones(2, 2) @ torch.ones(2, 2)
     assert y.dtype == torch.float32
+
+
+@pytest.mark.parametrize("capability, bf16", [((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True)])
+def test_autocast_uses_bf16_only_on_gpus_with_bf16_tensor_cores(monkeypatch, capability, bf16):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert runtime.bf16_supported("cuda") is bf16
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")            # constructing a CUDA autocast on a machine without CUDA warns
+        ctx = runtime.autocast("cuda")
+    assert isinstance(ctx, torch.autocast) is bf16
+    if bf16:
+        assert ctx.fast_dtype == torch.bfloat16
+    assert runtime.bf16_supported("cpu") is False
 
 
 # ----------------------------------------------------------------------------- seeding

@@ -92,10 +92,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast(device: torch.device | str):
-    """bf16 autocast on CUDA; a no-op elsewhere (CPU bf16 is slow and MPS support varies)."""
+def bf16_supported(device: torch.device | str) -> bool:
+    """Whether ``device`` is a CUDA GPU with bfloat16 tensor cores (compute capability 8.0 or newer:
+    A100, H100, L4, RTX 30xx and later; not a T4 or V100)."""
     device = torch.device(device)
-    if device.type == "cuda":
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def autocast(device: torch.device | str):
+    """bf16 autocast on a CUDA GPU that has bf16 tensor cores; a no-op elsewhere: float32 on the CPU (CPU
+    bf16 is slow, MPS support varies) and on older GPUs such as Colab's T4, where bf16 is emulated and slow
+    (float16 would need a gradient scaler, which chapter 11 introduces)."""
+    device = torch.device(device)
+    if bf16_supported(device):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
