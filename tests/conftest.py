@@ -36,6 +36,19 @@ def clean_env(monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
 
 
+@pytest.fixture
+def one_thread():
+    """One PyTorch thread for the test: tiny models pay more for thread synchronisation than they gain,
+    and on a busy machine two threads can be many times slower than one. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def mirror() -> Path:
     """The offline data mirror: ``BOOK_DATA`` as the suite was started with, else ``../shared/data``.

@@ -17,13 +17,7 @@ from groundup.gpt import (GPT, MLP, Block, CausalSelfAttention, GPTConfig, char_
 TINY = GPTConfig(vocab_size=23, block_size=12, n_layer=2, n_head=2, n_embd=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids paying for thread synchronisation on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
 
 
 def perturbed(config: GPTConfig, seed: int = 0) -> GPT:

@@ -14,12 +14,7 @@ from groundup.gpt_small import (bits_per_char, count_gpt_params, gpt2_init_, mat
 from groundup.rnn import clip_grad_norm
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
 
 
 def tiny(n_layer=2, n_embd=32, vocab=50, block=16, dropout=0.0):

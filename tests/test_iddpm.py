@@ -15,12 +15,7 @@ from groundup.iddpm import (ImprovedDiffusion, cosine_alpha_bar, cosine_beta_sch
 from groundup.unet import UNet, UNetConfig, train_ddpm
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
 
 
 class StandIn(nn.Module):
