@@ -18,25 +18,26 @@ pytestmark = pytest.mark.usefixtures("clean_env")
 
 # ----------------------------------------------------------------------------- profile
 
-def test_profile_defaults_to_smoke_without_cuda(monkeypatch):
+def test_profile_defaults_to_cpu_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert get_profile() == "smoke"
+    assert get_profile() == "cpu"
 
 
-def test_profile_defaults_to_full_with_cuda(monkeypatch):
+def test_profile_defaults_to_full_with_a_bf16_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
     assert get_profile() == "full"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_profile_on_this_cpu_machine_is_smoke():
-    assert get_profile() == "smoke"
+def test_profile_on_this_cpu_machine_is_cpu():
+    assert get_profile() == "cpu"
 
 
 @pytest.mark.parametrize("value, expected", [("smoke", "smoke"), ("full", "full"), (" FULL ", "full"),
-                                             ("Smoke", "smoke")])
+                                             ("Smoke", "smoke"), ("cpu", "cpu")])
 def test_profile_from_environment(monkeypatch, value, expected):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: expected == "smoke")  # the opposite default
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # default: cpu
     monkeypatch.setenv("BOOK_PROFILE", value)
     assert get_profile() == expected
 
@@ -44,7 +45,7 @@ def test_profile_from_environment(monkeypatch, value, expected):
 def test_empty_profile_means_unset(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("BOOK_PROFILE", "")
-    assert get_profile() == "smoke"
+    assert get_profile() == "cpu"
 
 
 def test_invalid_profile_raises_a_helpful_error(monkeypatch):
@@ -53,7 +54,7 @@ def test_invalid_profile_raises_a_helpful_error(monkeypatch):
         get_profile()
     message = str(err.value)
     assert "BOOK_PROFILE" in message and "'fast'" in message
-    assert "smoke" in message and "full" in message
+    assert "smoke" in message and "cpu" in message and "full" in message
 
 
 def test_pick(monkeypatch):
@@ -65,6 +66,24 @@ def test_pick(monkeypatch):
     assert pick("s", "f") == "s"
     with pytest.raises(ValueError, match="unknown profile"):
         pick(1, 2, "medium")
+
+
+def test_pick_cpu_preset():
+    assert pick(1, 3, "cpu", cpu=2) == 2
+    assert pick(1, 3, "full", cpu=2) == 3 and pick(1, 3, "smoke", cpu=2) == 1
+    with pytest.raises(ValueError, match="no `cpu` preset"):
+        pick(1, 3, "cpu")
+
+
+def test_default_profile_is_cpu_without_a_bf16_gpu(monkeypatch):
+    monkeypatch.delenv("BOOK_PROFILE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert get_profile() == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))   # a T4
+    assert get_profile() == "cpu"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))   # an H100
+    assert get_profile() == "full"
 
 
 def test_pick_returns_the_objects_themselves():

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.std import tqdm as tqdm_std
 
-PROFILES = ("smoke", "full")
+PROFILES = ("smoke", "cpu", "full")
 
 
 def book_root() -> Path:
@@ -31,24 +31,33 @@ def book_root() -> Path:
 
 
 def get_profile() -> str:
-    """The run profile: ``BOOK_PROFILE`` if set, else ``full`` on a CUDA machine and ``smoke`` elsewhere.
+    """The run profile: ``BOOK_PROFILE`` if set, else ``full`` on a CUDA GPU with bf16 tensor cores and ``cpu``
+    everywhere else (a CPU, Apple's MPS, an older GPU such as Colab's T4).
 
-    smoke: top to bottom on 2 CPU cores in at most 90 s (what CI runs).
-    full:  the reference run, at most 10 minutes of training on one H100.
+    smoke: top to bottom on 2 CPU cores in at most 90 s (what CI and ``make test`` run).
+    cpu:   a real result in at most 30 minutes on 2 CPU cores (minutes on a laptop or a T4).
+    full:  the reference run, at most 10 minutes of training on one H100/H200.
     """
     value = os.environ.get("BOOK_PROFILE", "").strip().lower()
     if not value:
-        return "full" if torch.cuda.is_available() else "smoke"
+        return "full" if torch.cuda.is_available() and bf16_supported("cuda") else "cpu"
     if value not in PROFILES:
-        raise ValueError(f"BOOK_PROFILE={value!r} is not a profile; set it to 'smoke' or 'full'")
+        raise ValueError(f"BOOK_PROFILE={value!r} is not a profile; set it to one of {', '.join(PROFILES)}")
     return value
 
 
-def pick(smoke, full, profile: str | None = None):
-    """Choose between the two presets of a config by profile."""
+def pick(smoke, full, profile: str | None = None, *, cpu=None):
+    """Choose a config preset by profile: ``pick(smoke, full, cpu=cpu)``.
+
+    A chapter without a ``cpu`` preset cannot run in the cpu profile: that is an error that says so, never a
+    silent fall-back to a preset sized for another machine."""
     profile = profile or get_profile()
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; expected one of {PROFILES}")
+    if profile == "cpu":
+        if cpu is None:
+            raise ValueError("this chapter has no `cpu` preset yet: run it with BOOK_PROFILE=smoke or full")
+        return cpu
     return smoke if profile == "smoke" else full
 
 
@@ -83,6 +92,16 @@ def device_name(device: torch.device | str | None = None) -> str:
         return f"Apple MPS ({platform.machine()})"
     cores = os.cpu_count() or 1
     return f"CPU: {_cpu_model()} ({cores} core{'s' if cores != 1 else ''})"
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA, MPS); a no-op on the CPU. Only for timing: a training step
+    never calls it, so that the host runs ahead of the GPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def seed_everything(seed: int) -> None:
