@@ -11,7 +11,7 @@ TEST_ENV := BOOK_PROFILE=smoke BOOK_RESULTS_DIR=$(CURDIR)/_build/test-results \
 NB ?= notebooks/*.ipynb
 # Every test run trains from scratch: no checkpoint or result of an earlier run is reused.
 CLEAN_TEST_STATE := rm -rf _build/test-results _build/test-checkpoints
-PROFILE ?= smoke
+PROFILE ?= cpu
 
 .PHONY: help venv book html test unit notebooks lab export check-export results outputs clean
 
@@ -21,7 +21,7 @@ help:
 	@echo "make lab           open JupyterLab"
 	@echo "make export        write lib/groundup/ from the notebooks' #| export cells"
 	@echo "make check-export  fail if lib/ is out of sync with the notebooks"
-	@echo "make outputs       execute notebooks in place (NB=..., PROFILE=smoke|full) and regenerate the results page"
+	@echo "make outputs       execute notebooks in place (NB=..., PROFILE=cpu|full; default cpu) and regenerate the results page"
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -67,7 +67,7 @@ results: $(STAMP)
 	$(PY) tools/results_table.py
 
 outputs: $(STAMP)
-	BOOK_PROFILE=$(PROFILE) $(PY) tools/run_notebooks.py $(NB)
+	BOOK_PROFILE=$(PROFILE) BOOK_RESULTS_DIR=$(CURDIR)/results $(PY) tools/run_notebooks.py $(NB)
 	$(PY) tools/results_table.py
 
 clean:

@@ -119,7 +119,8 @@ def test_config_as_a_dict_and_values_json_cannot_hold(monkeypatch, tmp_path, boo
 
 
 def test_results_dir(monkeypatch, tmp_path, book_root):
-    assert results.results_dir() == book_root.resolve() / "results"
+    assert results.results_dir() == book_root.resolve() / "_build" / "results"   # a reader's run: scratch
+    assert results.committed_results_dir() == book_root.resolve() / "results"
     monkeypatch.setenv("BOOK_RESULTS_DIR", str(tmp_path / "elsewhere"))
     assert results.results_dir() == tmp_path / "elsewhere"
 
@@ -173,3 +174,22 @@ def test_results_page_describes_any_data_record():
     assert describe_data(mixed) == "CIFAR-10: 5 examples (nll_images 16); tokenizer: BPE, vocabulary 512"
     flat = {"dataset": "Tiny Shakespeare", "characters": 1115394, "lm_split": "90/10"}
     assert describe_data(flat) == "Tiny Shakespeare: 1,115,394 characters (lm_split: 90/10)"
+
+
+def test_read_results_prefers_this_run_then_the_committed_record(monkeypatch, tmp_path, book_root):
+    committed = book_root / "results"
+    committed.mkdir()
+    (committed / "07_x.json").write_text('{"profile": "cpu"}')
+    monkeypatch.setenv("BOOK_RESULTS_DIR", str(tmp_path / "scratch"))
+    assert results.read_results("07_x") == {"profile": "cpu"}
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "scratch" / "07_x.json").write_text('{"profile": "smoke"}')
+    assert results.read_results("07_x") == {"profile": "smoke"}
+    assert results.read_results("99_none") is None
+
+
+def test_record_results_prints_no_absolute_path(monkeypatch, tmp_path, book_root, capsys):
+    monkeypatch.setenv("BOOK_RESULTS_DIR", str(book_root / "results"))
+    results.record_results("01_t", title="t", metrics={}, rows=[], config={}, data={}, wall_time_s=1.0)
+    err = capsys.readouterr().err
+    assert "wrote results/01_t.json" in err and str(tmp_path) not in err

@@ -270,3 +270,18 @@ def test_plot_curves_accepts_pairs_and_values():
     assert list(lines[1].get_xdata()) == [0, 1, 2]
     assert ax.get_yscale() == "log"
     plt.close(ax.figure)
+
+
+def test_run_tag_hashes_the_whole_config():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Cfg:
+        steps: int = 10
+        lr: float = 1e-3
+
+    tag = runtime.run_tag(Cfg())
+    assert tag == runtime.run_tag(Cfg()) and len(tag) == 10
+    assert tag != runtime.run_tag(Cfg(lr=2e-3))                  # any field changes the tag
+    assert tag != runtime.run_tag(Cfg(), n_train=100)            # and so does anything else passed
+    assert runtime.run_tag({"steps": 10, "lr": 1e-3}) == tag     # a dict of the same fields: the same run

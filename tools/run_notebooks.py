@@ -2,9 +2,12 @@
 
     BOOK_PROFILE=full python tools/run_notebooks.py notebooks/02_mlp_mnist.ipynb
 
-The outputs committed with a notebook are those of its latest full-profile run where one was made,
-otherwise of a smoke run; the notebook's metadata (``groundup``) records the profile, the device,
-the torch version, the date and the execution time, and the website shows them.
+Committed outputs come from ``cpu`` or ``full`` runs (BOOK.md), never ``smoke``; the notebook's metadata
+(``groundup``) records the profile, the device, the torch version, the commit, the date and the execution
+time, and the website shows them. This is the run whose results are committed: it writes ``results/``
+(``BOOK_RESULTS_DIR``), where a reader's run writes a scratch folder. After the run the outputs are checked
+for this machine's folders (the checkout, the data mirror, the home folder): a committed page must not
+show them.
 """
 
 from __future__ import annotations
@@ -20,11 +23,35 @@ import torch
 from nbclient import NotebookClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lib"))
-from groundup.runtime import device_name, get_device, get_profile  # noqa: E402
+from groundup.results import git_commit  # noqa: E402
+from groundup.runtime import book_root, device_name, get_device, get_profile  # noqa: E402
+
+
+def machine_paths() -> list[str]:
+    """Absolute folders of this machine that must not appear in committed outputs."""
+    paths = {str(book_root().resolve()), str(Path.home())}
+    for name in ("BOOK_DATA", "BOOK_CACHE", "BOOK_CHECKPOINT_DIR"):
+        if os.environ.get(name):
+            paths.add(str(Path(os.environ[name]).expanduser().resolve()))
+    return sorted(p for p in paths if len(p) > 1)
+
+
+def leaked_paths(nb) -> list[str]:
+    """'cell N: /path...' for every output that shows one of machine_paths()."""
+    found = []
+    for number, cell in enumerate(nb.cells, start=1):
+        for output in cell.get("outputs", []):
+            text = str(output.get("text", "")) + str(output.get("data", {}).get("text/plain", "")) + \
+                str(output.get("data", {}).get("text/markdown", "")) + str(output.get("traceback", ""))
+            for path in machine_paths():
+                if path in text:
+                    found.append(f"cell {number}: {path}")
+    return found
 
 
 def run(path: Path) -> float:
     os.environ["BOOK_PROGRESS"] = "static"  # saved notebooks show each bar's final state as text
+    os.environ.setdefault("BOOK_RESULTS_DIR", str(book_root() / "results"))   # the committed records
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=1800, kernel_name="python3", record_timing=False,
                             store_widget_state=True, resources={"metadata": {"path": str(path.parent)}})
@@ -35,10 +62,15 @@ def run(path: Path) -> float:
         "profile": get_profile(),
         "device": device_name(get_device()),
         "torch": torch.__version__,
+        "git": git_commit(),
         "executed": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "execution_time_s": round(seconds, 1),
     }
     nbformat.write(nb, path)
+    leaks = leaked_paths(nb)
+    if leaks:
+        raise SystemExit(f"{path}: the outputs show folders of this machine ({'; '.join(leaks[:5])}); make "
+                         "the code print paths relative to the book (or none) and run it again")
     return seconds
 
 

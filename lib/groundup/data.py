@@ -141,22 +141,23 @@ def _record_sum(root: Path, rel: str) -> None:
 def locate(name: str, rels: list[str], download) -> tuple[Path, str]:
     """The folder holding all of ``rels``: the mirror, else the cache, else a fresh download into the cache.
 
-    Returns ``(folder, source)`` where source says which of the three it was.
+    Returns ``(folder, source)`` where source says which of the three it was, without this machine's paths
+    (it is recorded in results and shown on the website); error messages name the folders.
     """
     looked, candidates = [], []
     mirror, cache = mirror_dir(), cache_dir()
     if mirror is None:
         looked.append("no mirror (BOOK_DATA is not set)")
     else:
-        candidates.append((mirror, f"mirror (BOOK_DATA={mirror})"))
-    candidates.append((cache, f"cache ({cache})"))
-    for folder, source in candidates:
+        candidates.append((mirror, f"mirror (BOOK_DATA={mirror})", "offline mirror (BOOK_DATA)"))
+    candidates.append((cache, f"cache ({cache})", "download cache"))
+    for folder, where, source in candidates:
         missing = [r for r in rels if not (folder / r).exists()]
         if not missing:
             for r in rels:
                 verify(folder, r)
             return folder, source
-        looked.append(f"the {source}, which lacks {', '.join(missing)}")
+        looked.append(f"the {where}, which lacks {', '.join(missing)}")
     try:
         cache.mkdir(parents=True, exist_ok=True)
         download(cache)
@@ -170,7 +171,7 @@ def locate(name: str, rels: list[str], download) -> tuple[Path, str]:
         ) from None
     for r in rels:
         verify(cache, r)
-    return cache, f"downloaded into the cache ({cache})"
+    return cache, "downloaded into the download cache"
 
 
 def _download(url: str, dest: Path) -> Path:

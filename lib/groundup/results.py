@@ -24,8 +24,28 @@ from .runtime import book_root, device_name, get_device, get_profile
 
 
 def results_dir() -> Path:
-    """``BOOK_RESULTS_DIR`` if set (the test suite points it at a scratch folder), else ``results/``."""
-    return Path(os.environ.get("BOOK_RESULTS_DIR") or book_root() / "results")
+    """Where a run writes its record: ``BOOK_RESULTS_DIR`` if set, else a scratch folder ``_build/results``.
+
+    The committed ``results/`` is written only by the runs that produce the website's outputs
+    (``make outputs``, ``tools/run_notebooks.py`` set ``BOOK_RESULTS_DIR``): a reader's run in JupyterLab
+    never overwrites a committed record."""
+    value = os.environ.get("BOOK_RESULTS_DIR")
+    return Path(value) if value else book_root() / "_build" / "results"
+
+
+def committed_results_dir() -> Path:
+    """The committed records, ``results/`` at the book's root."""
+    return book_root() / "results"
+
+
+def read_results(slug: str) -> dict | None:
+    """The latest record of chapter ``slug``: this session's run if there is one, else the committed one,
+    else None (for a chapter that compares itself with an earlier chapter's measured numbers)."""
+    for folder in (results_dir(), committed_results_dir()):
+        path = folder / f"{slug}.json"
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+    return None
 
 
 def git_commit(root: Path | None = None) -> dict:
@@ -89,7 +109,11 @@ def record_results(slug: str, *, title: str, metrics: dict, rows: list[Row], con
     path = results_dir() / f"{slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, default=_jsonable) + "\n", encoding="utf-8")
-    print(f"wrote {path}", file=sys.stderr)
+    try:                                           # a path relative to the book, not this machine's folders
+        shown = path.resolve().relative_to(book_root().resolve())
+    except ValueError:
+        shown = path.name
+    print(f"wrote {shown}", file=sys.stderr)
     return record
 
 

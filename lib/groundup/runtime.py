@@ -8,7 +8,10 @@ chapters stand on. Chapter 01 walks through it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import io
+import json
 import os
 import platform
 import random
@@ -196,6 +199,14 @@ def plot_curves(curves: dict, *, title: str = "", xlabel: str = "step", ylabel: 
     ax.grid(alpha=0.3)
     ax.legend()
     return ax
+
+
+def run_tag(config, **more) -> str:
+    """A short, stable hash of a whole config (a dataclass or a dict) and anything else that shapes a run
+    (``more``: data size, profile, ...), for checkpoint names: a changed setting never resumes a stale run."""
+    fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    text = json.dumps(fields | more, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def run_label(device: torch.device | str | None = None, profile: str | None = None) -> str:
