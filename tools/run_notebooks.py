@@ -49,6 +49,29 @@ def leaked_paths(nb) -> list[str]:
     return found
 
 
+OUTPUTS_LINE = "**Outputs on this page.**"
+
+
+def stamp_header(nb, profile: str, device: str, seconds: float, date: str) -> None:
+    """Write what produced the page into the header cell: the line that starts with OUTPUTS_LINE (added if
+    missing) and, in the runtime table, the measured time of the row of this profile (rows that mention a
+    T4 are estimates for another machine and stay as they are)."""
+    header = nb.cells[0]
+    lines = header.source.split("\n")
+    minutes = f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    stamp = (f"{OUTPUTS_LINE} A `{profile}`-profile run on {device}: {minutes} for the whole notebook "
+             f"({date}).")
+    lines = [stamp if line.startswith(OUTPUTS_LINE) else line for line in lines]
+    if stamp not in lines:
+        lines += ["", stamp]
+    for i, line in enumerate(lines):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == profile and "T4" not in line and len(cells) >= 3:
+            lines[i] = "| " + " | ".join(cells[:-1] + [f"{minutes} (measured {date})"]) + " |"
+            break
+    header.source = "\n".join(lines)
+
+
 def run(path: Path) -> float:
     os.environ["BOOK_PROGRESS"] = "static"  # saved notebooks show each bar's final state as text
     os.environ.setdefault("BOOK_RESULTS_DIR", str(book_root() / "results"))   # the committed records
@@ -66,6 +89,8 @@ def run(path: Path) -> float:
         "executed": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "execution_time_s": round(seconds, 1),
     }
+    stamp_header(nb, get_profile(), device_name(get_device()), seconds,
+                 nb.metadata["groundup"]["executed"][:10])
     nbformat.write(nb, path)
     leaks = leaked_paths(nb)
     if leaks:
