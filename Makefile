@@ -67,7 +67,7 @@ results: $(STAMP)
 	$(PY) tools/results_table.py
 
 outputs: $(STAMP)
-	BOOK_PROFILE=$(PROFILE) BOOK_RESULTS_DIR=$(CURDIR)/results $(PY) tools/run_notebooks.py $(NB)
+	BOOK_PROFILE=$(PROFILE) BOOK_RESULTS_DIR=$(CURDIR)/results $(PY) tools/run_notebooks.py --fresh $(NB)
 	$(PY) tools/results_table.py
 
 clean:

@@ -63,3 +63,11 @@ def test_stamp_header_without_a_table_adds_only_the_line(profile):
     run_notebooks.stamp_header(nb, profile, "a GPU", 61.0, "2026-12-02")
     assert nb.cells[0].source == (f"# 99 · A chapter\n\n**Outputs on this page.** A `{profile}`-profile run on "
                                   "a GPU: 1.0 min for the whole notebook (2026-12-02).")
+
+
+def test_fresh_runs_delete_only_the_chapters_own_checkpoints(monkeypatch, tmp_path):
+    monkeypatch.setenv("BOOK_CHECKPOINT_DIR", str(tmp_path))
+    for name in ("02_mlp_cpu.safetensors", "02_mlp_smoke.safetensors", "03_cifar_classifier.safetensors"):
+        (tmp_path / name).write_text("x")
+    found = run_notebooks.chapter_checkpoints(Path("notebooks/02_mlp_mnist.ipynb"))
+    assert [p.name for p in found] == ["02_mlp_cpu.safetensors", "02_mlp_smoke.safetensors"]

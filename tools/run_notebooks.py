@@ -1,6 +1,9 @@
 """Execute notebooks in place, keep their outputs and record what produced them.
 
-    BOOK_PROFILE=full python tools/run_notebooks.py notebooks/02_mlp_mnist.ipynb
+    BOOK_PROFILE=cpu python tools/run_notebooks.py [--fresh] notebooks/02_mlp_mnist.ipynb
+
+``--fresh`` (what ``make outputs`` passes) deletes the chapter's own checkpoints first: the page then shows
+a run that trained everything it reports, with its real times.
 
 Committed outputs come from ``cpu`` or ``full`` runs (BOOK.md), never ``smoke``; the notebook's metadata
 (``groundup``) records the profile, the device, the torch version, the commit, the date and the execution
@@ -72,7 +75,21 @@ def stamp_header(nb, profile: str, device: str, seconds: float, date: str) -> No
     header.source = "\n".join(lines)
 
 
-def run(path: Path) -> float:
+def chapter_checkpoints(path: Path) -> list[Path]:
+    """The checkpoints chapter ``NN_slug.ipynb`` wrote (their names start with its number ``NN_``)."""
+    from groundup.checkpoint import checkpoint_dir
+
+    number = path.name.split("_", 1)[0]
+    folder = checkpoint_dir()
+    return sorted(folder.glob(f"{number}_*")) if folder.is_dir() else []
+
+
+def run(path: Path, fresh: bool = False) -> float:
+    """Execute one notebook in place. ``fresh``: delete the chapter's own checkpoints first, so that the page
+    shows a run that trained (and timed) everything, not one that loaded a finished checkpoint."""
+    if fresh:
+        for old in chapter_checkpoints(path):
+            old.unlink()
     os.environ["BOOK_PROGRESS"] = "static"  # saved notebooks show each bar's final state as text
     os.environ.setdefault("BOOK_RESULTS_DIR", str(book_root() / "results"))   # the committed records
     nb = nbformat.read(path, as_version=4)
@@ -99,12 +116,14 @@ def run(path: Path) -> float:
     return seconds
 
 
-def main(paths: list[str]) -> int:
+def main(args: list[str]) -> int:
+    fresh = "--fresh" in args
+    paths = [a for a in args if a != "--fresh"]
     if not paths:
         print(__doc__)
         return 2
     for p in paths:
-        seconds = run(Path(p))
+        seconds = run(Path(p), fresh=fresh)
         print(f"{p}: {get_profile()} profile, {seconds:.1f} s")
     return 0
 
