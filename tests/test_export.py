@@ -428,13 +428,13 @@ def test_export_to_a_named_module_needs_no_default_exp(root):
     assert "A = 1" in module(root, "only").read_text()
 
 
-# ----------------------------------------------------------------------------- directives are comments; output compiles
+# ------------------------------------------------------------------ directives are comments; output compiles
 
 def test_a_directive_inside_a_string_does_not_mark_a_cell(root):
     write_nb(root, "08_strings.ipynb",
              code("#| default_exp strings"),
              code("#| export\nA = 1"),
-             code('HELP = """How to mark a cell:\n#| export\n"""\nprint(HELP)'))   # not marked: a string
+             code('HELP = """How to mark a cell:\n#| export\n"""\nprint(HELP)'))  # a string only
     export.export(root)
     text = module(root, "strings").read_text()
     assert "A = 1" in text
@@ -452,8 +452,8 @@ def test_a_directive_line_inside_a_string_of_a_marked_cell_is_kept(root):
 
 
 @pytest.mark.parametrize("body", [
-    "def timed():\n    %time sum(range(10))\n",                                   # the block's only line
-    "for i in range(2):\n    !echo hi\n    X = i\n",                              # one line of several
+    "def timed():\n    %time sum(range(10))\n",                 # the block's only line
+    "for i in range(2):\n    !echo hi\n    X = i\n",            # one line of several
     "with open('f') as f:\n    if True:\n        %load_ext autoreload\n    Y = 1\n",
 ])
 def test_a_magic_inside_a_block_is_refused(root, body, capsys):

@@ -13,8 +13,8 @@ Each marked cell is copied, in notebook order, to ``lib/groundup/<module>.py``. 
 small module of its own, e.g. chapter 16's ``evaluate``); each module still belongs to one notebook. The file starts
 with a header saying it is generated, and every block is preceded by a marker naming the notebook
 and the cell (counted from 1) it came from, so a reader of the library can find the chapter that
-teaches each line. IPython magics (``%...``) and shell lines (``!...``) at the top level of a cell are
-dropped; one inside an indented block is an error. Directives are read as Python comments (with
+teaches each line. IPython magics (``%...``) and shell lines (``!...``) at the top level of a
+cell are dropped; one inside an indented block is an error. Directives are read as Python comments (with
 ``tokenize``), so a ``#| export`` line inside a string is text. Every block and every module is
 compiled: output that is not valid Python fails the export and its ``--check``.
 
@@ -86,7 +86,7 @@ def _continues(kept: list[str]) -> bool:
 
 
 def _magic_lines(lines: list[str]) -> set[int]:
-    """Indices of the IPython magic (``%``) and shell (``!``) lines: those that start a statement."""
+    """Indices of the IPython magic (``%``) and shell (``!``) lines: those starting a statement."""
     magics, kept = set(), []
     for k, line in enumerate(lines):
         if line.lstrip().startswith(("%", "!")) and not _continues(kept):
@@ -98,8 +98,8 @@ def _magic_lines(lines: list[str]) -> set[int]:
 
 
 def _directives(lines: list[str], magics: set[int]) -> dict[int, tuple[str, str]]:
-    """{line index: (name, argument)} of the ``#| name arg`` directives: comments alone on their line,
-    found with Python's tokenizer, so that such a line inside a string is text, not a directive.
+    """{line index: (name, argument)} of the ``#| name arg`` directives: comments alone on their
+    line, found with Python's tokenizer, so that such a line inside a string is text.
     A cell the tokenizer cannot read (not Python, e.g. a ``%%bash`` body) is read line by line."""
     text = "\n".join("" if k in magics else line for k, line in enumerate(lines)) + "\n"
     found = {}
@@ -110,13 +110,14 @@ def _directives(lines: list[str], magics: set[int]) -> dict[int, tuple[str, str]
                 if m:
                     found[tok.start[0] - 1] = m.groups()
     except (tokenize.TokenError, SyntaxError, ValueError):
-        found = {k: m.groups() for k, line in enumerate(lines) if k not in magics and (m := DIRECTIVE.match(line))}
+        found = {k: m.groups() for k, line in enumerate(lines)
+                 if k not in magics and (m := DIRECTIVE.match(line))}
     return found
 
 
 def _nested_magics(lines: list[str], magics: set[int]) -> list[int]:
-    """The magic lines that sit inside an indented block (a ``def``, ``for``, ``with`` ...). Dropping
-    such a line would change (or empty) the block, so the export refuses them."""
+    """The magic lines that sit inside an indented block (a ``def``, ``for``, ``with`` ...).
+    Dropping such a line would change (or empty) the block, so the export refuses them."""
     placeholder = [(line[: len(line) - len(line.lstrip())] + "pass") if k in magics else line
                    for k, line in enumerate(lines)]
     try:
@@ -127,13 +128,12 @@ def _nested_magics(lines: list[str], magics: set[int]) -> list[int]:
     return sorted(k for k in magics if k not in top_level)
 
 
-def _clean(lines: list[str], where: str, directives: dict[int, tuple[str, str]] | None = None) -> str:
+def _clean(lines: list[str], where: str) -> str:
     """Drop directives, magics and shell lines; trim blank lines at both ends. A magic inside an
-    indented block is an error: the library cannot run it, and dropping it would leave the block changed
-    or empty."""
+    indented block is an error: the library cannot run it, and dropping it would leave the block
+    changed or empty."""
     magics = _magic_lines(lines)
-    if directives is None:
-        directives = _directives(lines, magics)
+    directives = _directives(lines, magics)
     for k in sorted(magics):
         stripped = lines[k].lstrip()
         if stripped.startswith("%%") and not stripped.startswith(PYTHON_CELL_MAGICS):
@@ -145,11 +145,13 @@ def _clean(lines: list[str], where: str, directives: dict[int, tuple[str, str]] 
     if nested:
         k = nested[0]
         raise ExportError(
-            f"{where}, line {k + 1}: the magic or shell line {lines[k].strip()!r} sits inside an indented "
-            "block; the exported library cannot run it and dropping it would change the block. Move it "
-            "to a cell of its own (or to the top level of this cell), or remove `#| export`"
+            f"{where}, line {k + 1}: the magic or shell line {lines[k].strip()!r} sits inside an "
+            "indented block; the exported library cannot run it and dropping it would change the "
+            "block. Move it to a cell of its own (or to the top level of this cell), or remove "
+            "`#| export`"
         )
-    kept = [line.rstrip() for k, line in enumerate(lines) if k not in magics and k not in directives]
+    kept = [line.rstrip() for k, line in enumerate(lines)
+            if k not in magics and k not in directives]
     while kept and not kept[0]:
         kept.pop(0)
     while kept and not kept[-1]:
@@ -164,8 +166,8 @@ def _compile(code: str, where: str) -> None:
     except SyntaxError as err:  # IndentationError included
         line = f", line {err.lineno} of the exported code" if err.lineno else ""
         text = f": {err.text.strip()!r}" if err.text and err.text.strip() else ""
-        raise ExportError(f"{where}{line}: the exported code is not valid Python ({err.msg}){text}; "
-                          "fix the cell") from None
+        raise ExportError(f"{where}{line}: the exported code is not valid Python ({err.msg})"
+                          f"{text}; fix the cell") from None
 
 
 def read_notebook(path: Path, root: Path = ROOT) -> list[Module]:
@@ -253,7 +255,7 @@ def plan(root: Path = ROOT) -> tuple[dict[Path, str], list[Path]]:
                 "choose another `#| default_exp` name"
             )
         text = module.render()
-        _compile(text, target.relative_to(root).as_posix())  # the module as a whole, as it will be imported
+        _compile(text, target.relative_to(root).as_posix())  # the whole module, as it is imported
         wanted[target] = text
     stale = [p for p in sorted(package.glob("*.py")) if p not in wanted and is_generated(p)]
     return wanted, stale
