@@ -14,9 +14,9 @@ small module of its own, e.g. chapter 16's ``evaluate``); each module still belo
 with a header saying it is generated, and every block is preceded by a marker naming the notebook
 and the cell (counted from 1) it came from, so a reader of the library can find the chapter that
 teaches each line. IPython magics (``%...``) and shell lines (``!...``) at the top level of a
-cell are dropped; one inside an indented block is an error. Directives are read as Python comments (with
-``tokenize``), so a ``#| export`` line inside a string is text. Every block and every module is
-compiled: output that is not valid Python fails the export and its ``--check``.
+cell are dropped; one inside an indented block is an error. Directives are read as Python
+comments (with ``tokenize``), so a ``#| export`` line inside a string is text. Every block and
+every module is compiled: output that is not valid Python fails the export and its ``--check``.
 
     python tools/export.py           # write lib/groundup/*.py
     python tools/export.py --check   # exit 1 and print the difference if lib/ is out of sync
