@@ -248,3 +248,17 @@ def test_gpt2_loader_rejects_inconsistent_files(tmp_path, mirror):
     (tmp_path / "merges.txt").write_text("\n".join(swapped) + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match="ranks and ids must agree"):
         load_gpt2_tokenizer(tmp_path / "vocab.json", tmp_path / "merges.txt")
+
+
+def test_trainer_restores_the_garbage_collector_state():
+    import gc
+
+    assert gc.isenabled()
+    train_merges({b"abab": 2}, 3)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        train_merges({b"abab": 2}, 3)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -3,6 +3,7 @@
 
 
 # %% notebooks/08_bpe_tokenizer.ipynb, cell 3
+import gc
 import heapq
 import json
 import math
@@ -80,6 +81,19 @@ def train_merges(word_counts: dict, num_merges: int, byte_rank=None) -> dict:
     each merge site (eq. 4) in the words that hold the merged pair.
 
     `word_counts` maps byte strings to frequencies; returns {(a, b): new_id} in merge order."""
+    # The trainer makes ~10^5 small lists, tuples and sets and no reference cycles: refcounting
+    # frees them, so Python's cyclic garbage collector is paused while it runs (in a notebook, one
+    # full collection over the heap of torch and matplotlib can cost as much as all the merges).
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _train_merges(word_counts, num_merges, byte_rank)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _train_merges(word_counts: dict, num_merges: int, byte_rank=None) -> dict:
     words = [list(w) for w in word_counts]
     freqs = list(word_counts.values())
     counts = defaultdict(int)                       # eq. (3), kept current
@@ -147,8 +161,9 @@ def train_merges(word_counts: dict, num_merges: int, byte_rank=None) -> dict:
 class BPETokenizer:
     """Byte-level BPE (Sennrich et al. 2016) with GPT-2's pre-tokenization (Radford et al. 2019).
 
-    Ids 0..255 are bytes (byte b has id `byte_ids[b]`, by default b itself), 256..256+M-1 are merges
-    in rank order, special tokens come after (any ids from 256+M up; `vocab_size` is largest id + 1)."""
+    Ids 0..255 are bytes (byte b has id `byte_ids[b]`, by default b itself), 256..256+M-1 are
+    merges in rank order, special tokens come after (any ids from 256+M up; `vocab_size` is the
+    largest id + 1)."""
 
     FORMAT = "groundup-bpe"
 
@@ -172,8 +187,9 @@ class BPETokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Largest id + 1, special tokens included: every id `encode` emits is below it (an embedding
-        table of this size fits). Ids in a gap below a special token are unused; decode rejects them."""
+        """Largest id + 1, special tokens included: every id `encode` emits is below it (an
+        embedding table of this size fits). Ids in a gap below a special token are unused; decode
+        rejects them."""
         return max([256 + len(self.merges), *(i + 1 for i in self.special_tokens.values())])
 
     # ----------------------------------------------------------------------------------- training
@@ -360,7 +376,8 @@ def load_gpt2_tokenizer(vocab_file=None, merges_file=None) -> BPETokenizer:
     tok.register_special_tokens({t: i for t, i in vocab.items() if i not in tok.vocab})
     for t, i in vocab.items():                  # every entry of vocab.json is what we rebuilt
         if i in tok.vocab and tok.vocab[i] != bytes(u2b[ch] for ch in t):
-            raise ValueError(f"{vocab_file}: id {i} is {t!r}, but the merges build {tok.vocab[i]!r}")
+            raise ValueError(f"{vocab_file}: id {i} is {t!r}, but the merges build "
+                             f"{tok.vocab[i]!r}")
     return tok
 
 
