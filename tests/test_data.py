@@ -462,7 +462,7 @@ def test_published_digests_match_the_mirror(mirror):
         assert sums[f"wikitext-2/{file}"] == data.WIKITEXT2_SHA256[file]
 
 
-# ----------------------------------------------------------------------------- broken layouts are DataErrors
+# ------------------------------------------------------------------- broken layouts are DataErrors
 
 def test_an_npz_without_the_expected_arrays(tmp_path, monkeypatch, cache):
     mirror = tmp_path / "mirror"
@@ -539,7 +539,8 @@ def test_without_sha256sums_the_published_digests_are_checked(mirror, tmp_path, 
     with pytest.raises(DataError, match="checksum failed.*published digest"):
         data.gpt2_tokenizer_files()
     assert set(data.PUBLISHED_SHA256) == {"tinyshakespeare/input.txt", "wikitext-2/valid.txt",
-                                          "wikitext-2/test.txt", "gpt2/vocab.json", "gpt2/merges.txt"}
+                                          "wikitext-2/test.txt", "gpt2/vocab.json",
+                                          "gpt2/merges.txt"}
 
 
 def test_published_digest_table_equals_the_mirror_sums(mirror):
@@ -550,12 +551,14 @@ def test_published_digest_table_equals_the_mirror_sums(mirror):
 
 def test_gpt2_tokenizer_files_from_the_mirror(with_mirror):
     vocab, merges = data.gpt2_tokenizer_files()
-    assert vocab == with_mirror / "gpt2" / "vocab.json" and merges == with_mirror / "gpt2" / "merges.txt"
+    assert vocab == with_mirror / "gpt2" / "vocab.json"
+    assert merges == with_mirror / "gpt2" / "merges.txt"
     assert merges.read_text(encoding="utf-8").startswith("#version")
 
 
 def test_gpt2_tokenizer_files_download_is_checked(monkeypatch, cache):
-    fetched = fake_downloads(monkeypatch, {"vocab.json": b'{"a": 0}', "merges.txt": b"#version: 0.2\n"})
+    fetched = fake_downloads(monkeypatch, {"vocab.json": b'{"a": 0}',
+                                           "merges.txt": b"#version: 0.2\n"})
     with pytest.raises(DataError, match="checksum failed for the download vocab.json"):
         data.gpt2_tokenizer_files()
     assert fetched == [data.GPT2_URL + "vocab.json"]

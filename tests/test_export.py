@@ -428,7 +428,7 @@ def test_export_to_a_named_module_needs_no_default_exp(root):
     assert "A = 1" in module(root, "only").read_text()
 
 
-# ----------------------------------------------------------- directives are comments; output compiles
+# -------------------------------------------------------- directives are comments; output compiles
 
 def test_a_directive_inside_a_string_does_not_mark_a_cell(root):
     write_nb(root, "08_strings.ipynb",

@@ -195,8 +195,8 @@ class BPETokenizer:
     # ----------------------------------------------------------------------------------- training
     def train(self, text: str, vocab_size: int, special_tokens: dict[str, int] | None = None, verbose=False,
               byte_rank=None) -> "BPETokenizer":
-        """Learn vocab_size - 256 merges from `text` (incremental trainer); special tokens come on top.
-        Training numbers the bytes by value (`byte_ids` back to the identity)."""
+        """Learn vocab_size - 256 merges from `text` (incremental trainer); special tokens come
+        on top. Training numbers the bytes by value (`byte_ids` back to the identity)."""
         if vocab_size < 256:
             raise ValueError(f"vocab_size={vocab_size} is below the 256 byte symbols; ask for at least 256")
         counts = word_counts(text, self.pattern)                          # eq. (3)

@@ -326,8 +326,8 @@ def train_classifier(model: nn.Module, X: torch.Tensor, y: torch.Tensor, X_eval:
 
 # %% notebooks/03_cnn_cifar10.ipynb, cell 53
 def float64_device(device) -> torch.device:
-    """Where float64 work on data held on `device` runs: the device itself, except Apple's MPS, which
-    has no float64: there, the CPU (the result is moved back)."""
+    """Where float64 work on data held on `device` runs: the device itself, except Apple's MPS,
+    which has no float64: there, the CPU (the result is moved back)."""
     device = torch.device(device)
     return torch.device("cpu") if device.type == "mps" else device
 

@@ -116,13 +116,14 @@ def sha256(path: Path) -> str:
 
 
 def _read_sums(root: Path) -> dict[str, str]:
-    """``root/SHA256SUMS`` as {path: digest}; {} if there is none. A file that is not ``sha256sum``'s
-    format ("<64 hex digits>  <path>" per line, UTF-8) is a :class:`DataError` saying which line."""
+    """``root/SHA256SUMS`` as {path: digest}; {} if there is none. A file that is not in
+    ``sha256sum``'s format ("<64 hex digits>  <path>" per line, UTF-8) is a :class:`DataError`
+    saying which line."""
     sums_file = root / "SHA256SUMS"
     if not sums_file.exists():
         return {}
-    fix = ("Restore it (for the mirror, copy it again; for the cache, delete it and the cache's files "
-           "and run again to download them afresh).")
+    fix = ("Restore it (for the mirror, copy it again; for the cache, delete it and the cache's "
+           "files and run again to download them afresh).")
     try:
         text = sums_file.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
@@ -137,8 +138,8 @@ def _read_sums(root: Path) -> dict[str, str]:
         digest = parts[0].lower()
         name = parts[1].strip().lstrip("*") if len(parts) == 2 else ""
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or not name:
-            raise DataError(f"{sums_file}, line {number}, is not '<sha256 in 64 hex digits>  <path>': "
-                            f"{line[:120]!r}. {fix}")
+            raise DataError(f"{sums_file}, line {number}, is not "
+                            f"'<sha256 in 64 hex digits>  <path>': {line[:120]!r}. {fix}")
         sums[name] = digest
     return sums
 
@@ -151,9 +152,9 @@ def verify(root: Path, rel: str) -> Path:
     path = root / rel
     if not path.is_file():
         raise DataError(
-            f"{path} is {'a directory' if path.is_dir() else 'not a regular file'}, where the data file "
-            f"{rel} should be. Remove it and put the file there (for the mirror, copy it again; for the "
-            "cache, delete it and run again to download the file)."
+            f"{path} is {'a directory' if path.is_dir() else 'not a regular file'}, where the "
+            f"data file {rel} should be. Remove it and put the file there (for the mirror, copy it "
+            "again; for the cache, delete it and run again to download the file)."
         )
     stat = path.stat()
     key = (str(path), stat.st_mtime, stat.st_size)
@@ -287,9 +288,10 @@ def _load_npz(path: Path, required: tuple[str, ...] = ("images", "labels")) -> d
     missing = [k for k in required if k not in arrays]
     if missing:
         raise DataError(
-            f"{path} lacks the array(s) {', '.join(missing)} (it holds {sorted(arrays) or 'none'}): it is "
-            f"not a file of the book's data layout, which needs {', '.join(required)}. Restore it (for "
-            "the mirror, copy it again; for the cache, delete it and run again to download it afresh)."
+            f"{path} lacks the array(s) {', '.join(missing)} "
+            f"(it holds {sorted(arrays) or 'none'}): it is not a file of the book's data layout, "
+            f"which needs {', '.join(required)}. Restore it (for the mirror, copy it again; for "
+            "the cache, delete it and run again to download it afresh)."
         )
     return arrays
 
