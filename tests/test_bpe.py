@@ -164,3 +164,101 @@ def test_bits_per_char():
     assert bits_per_char(3.0, 250, 1000) == pytest.approx(0.75 / math.log(2))
     with pytest.raises(ValueError):
         bits_per_char(1.0, 0, 10)
+
+
+def test_vocab_size_covers_a_special_token_beyond_the_vocabulary():
+    t = BPETokenizer().train("abababab cdcd", 258)
+    t.register_special_tokens({"<|gap|>": 300})              # ids 258..299 unused
+    ids = t.encode("ab<|gap|>", allowed_special="all")
+    assert 300 in ids
+    assert t.vocab_size == 301 and max(ids) < t.vocab_size   # an embedding of vocab_size rows fits
+    with pytest.raises(ValueError, match="not in this tokenizer"):
+        t.decode([280])                                      # an id in the gap is unused
+    assert BPETokenizer().train("abababab cdcd", 258).vocab_size == 258
+
+
+def test_incremental_trainer_on_overlapping_runs():
+    # runs of one symbol and alternating pairs: the left neighbour of a site can be the new symbol
+    wc = {b"aaaaaaa": 3, b"abababab": 2, b"aab": 5, b"baaab": 1, b"ab": 4}
+    assert list(train_merges(wc, 12).items()) == list(train_merges_naive(wc, 12).items())
+
+
+def test_byte_ids_permute_the_byte_symbols(tmp_path):
+    perm = list(reversed(range(256)))
+    t = BPETokenizer(byte_ids=perm)
+    assert t.encode("a") == [255 - 97] and t.decode([255 - 97]) == "a"
+    assert t.decode(t.encode("héllo 🙂")) == "héllo 🙂"
+    t.save(tmp_path / "t.json")
+    assert BPETokenizer.load(tmp_path / "t.json").encode("héllo") == t.encode("héllo")
+    with pytest.raises(ValueError, match="permutation"):
+        BPETokenizer(byte_ids=[0] * 256)
+
+
+GPT2_PROBES = [
+    "Hello world",
+    "It's 2024: naïve café, Ünïcödé, 数字 and emoji 🙂🚀!\n\n  x_1 = f(a, b) ** 2\t# ok  \n",
+    "they'll've DON'T   spaces\u00a0and\u2003odd ones   \n\n\n",
+    "   leading spaces, trailing spaces   ",
+    "Numbers 1234567890 3.14159 -42 1e-9; URLs https://example.org/a?b=c&d=e",
+    "Ελληνικά, русский текст, עברית, العربية, हिन्दी, 日本語のテキスト, 한국어",
+    "\x00\x01 control \x7f chars and \ufffd replacement, zero\u200bwidth, combining e\u0301",
+    "<|endoftext|> as ordinary text, <|notspecial|>",
+]
+
+
+@pytest.fixture(scope="module")
+def gpt2_pair(mirror):
+    tokenizers = pytest.importorskip("tokenizers")
+    from groundup.bpe import load_gpt2_tokenizer
+
+    vocab, merges = mirror / "gpt2" / "vocab.json", mirror / "gpt2" / "merges.txt"
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(vocab), str(merges)))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return load_gpt2_tokenizer(vocab, merges), hf
+
+
+def test_gpt2_files_give_huggingface_ids(gpt2_pair, mirror):
+    ours, hf = gpt2_pair
+    assert ours.vocab_size == 50_257 and len(ours.merges) == 50_000
+    assert ours.special_tokens == {"<|endoftext|>": 50_256}
+    assert ours.encode("Hello world") == [15496, 995]
+    for text in GPT2_PROBES:
+        ids = ours.encode(text, allowed_special="none")
+        assert ids == hf.encode(text).ids, text
+        assert ours.decode(ids) == text
+    shakespeare = (mirror / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:300_000]
+    assert ours.encode(shakespeare) == hf.encode(shakespeare).ids
+    assert ours.encode("a<|endoftext|>b", allowed_special="all") == [64, 50256, 65]
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.text())
+def test_gpt2_files_give_huggingface_ids_random(gpt2_pair, s):
+    ours, hf = gpt2_pair
+    assert ours.encode(s, allowed_special="none") == hf.encode(s).ids
+
+
+def test_gpt2_loader_rejects_inconsistent_files(tmp_path, mirror):
+    from groundup.bpe import load_gpt2_tokenizer
+
+    vocab = json.loads((mirror / "gpt2" / "vocab.json").read_text(encoding="utf-8"))
+    merges = (mirror / "gpt2" / "merges.txt").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    swapped = [merges[0], merges[2], merges[1], *merges[3:]]            # two ranks swapped
+    (tmp_path / "merges.txt").write_text("\n".join(swapped) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="ranks and ids must agree"):
+        load_gpt2_tokenizer(tmp_path / "vocab.json", tmp_path / "merges.txt")
+
+
+def test_trainer_restores_the_garbage_collector_state():
+    import gc
+
+    assert gc.isenabled()
+    train_merges({b"abab": 2}, 3)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        train_merges({b"abab": 2}, 3)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -261,3 +261,41 @@ def test_classifier_checkpoint_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("BOOK_PROFILE", "full")                    # the full profile never uses a smoke classifier
     with pytest.raises(FileNotFoundError):
         load_cifar_classifier()
+
+
+def test_float64_work_leaves_mps_for_the_cpu():
+    """Apple's MPS has no float64: the whitening's covariance is computed on the CPU there."""
+    from groundup.cnn import float64_device
+
+    assert float64_device("mps") == torch.device("cpu")
+    assert float64_device(torch.device("mps", 0)) == torch.device("cpu")
+    assert float64_device("cpu") == torch.device("cpu")
+    assert float64_device("cuda:1") == torch.device("cuda", 1)
+
+
+def test_patch_whitening_runs_its_float64_work_where_float64_device_says(monkeypatch):
+    import groundup.cnn as cnn
+
+    asked = []
+
+    def spy(device):
+        asked.append(torch.device(device))
+        return torch.device("cpu")
+
+    monkeypatch.setattr(cnn, "float64_device", spy)
+    x = torch.randn(4, 3, 8, 8, generator=_gen(2))
+    W = patch_whitening(x)
+    assert asked == [torch.device("cpu")] and W.dtype == torch.float32 and W.device == x.device
+
+
+def test_train_classifier_times_with_runtime_sync(monkeypatch):
+    import groundup.cnn as cnn
+
+    assert not hasattr(cnn, "_sync")                       # one sync, in groundup.runtime
+    calls = []
+    monkeypatch.setattr(cnn, "sync", lambda device: calls.append(torch.device(device)))
+    g = _gen(3)
+    X, y = torch.rand(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+    recipe = Recipe(epochs=2, batch_size=16, lr=0.01, translate=0, flip="none")
+    train_classifier(LeNet5(), X, y, X[:8], y[:8], recipe, device="cpu", desc="sync test")
+    assert calls == [torch.device("cpu")] * 4              # before and after each epoch's steps

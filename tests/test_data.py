@@ -461,3 +461,106 @@ def test_published_digests_match_the_mirror(mirror):
     assert sums["tinyshakespeare/input.txt"] == data.SHAKESPEARE_SHA256
     for file in ("valid.txt", "test.txt"):
         assert sums[f"wikitext-2/{file}"] == data.WIKITEXT2_SHA256[file]
+
+
+# ------------------------------------------------------------------- broken layouts are DataErrors
+
+def test_an_npz_without_the_expected_arrays(tmp_path, monkeypatch, cache):
+    mirror = tmp_path / "mirror"
+    (mirror / "mnist").mkdir(parents=True)
+    np.savez(mirror / "mnist" / "test.npz", pictures=np.zeros((2, 28, 28), np.uint8))
+    monkeypatch.setenv("BOOK_DATA", str(mirror))
+    with pytest.raises(DataError) as err:
+        data.load_mnist("test")
+    message = str(err.value)
+    assert str(mirror / "mnist" / "test.npz") in message
+    assert "images, labels" in message and "pictures" in message and "copy it again" in message
+
+
+def test_a_cifar_shard_without_class_names(tmp_path, monkeypatch, cache):
+    mirror = tmp_path / "mirror"
+    (mirror / "cifar10").mkdir(parents=True)
+    np.savez(mirror / "cifar10" / "test.npz", images=np.zeros((2, 32, 32, 3), np.uint8),
+             labels=np.zeros(2, np.uint8))
+    monkeypatch.setenv("BOOK_DATA", str(mirror))
+    with pytest.raises(DataError, match=r"test\.npz lacks the array\(s\) classes"):
+        data.load_cifar10("test")
+
+
+@pytest.mark.parametrize("sums, expected", [
+    (b"not a checksum line\n", "line 1"),
+    (b"\n" + b"ab" * 32 + b"\n", "line 2"),                              # a digest without a path
+    (b"xyz  tinyshakespeare/input.txt\n", "line 1"),                     # not 64 hex digits
+    (b"\xff\xfe" + "a  b\n".encode("utf-16-le"), "not UTF-8"),
+])
+def test_a_malformed_sha256sums(mirror, tmp_path, monkeypatch, cache, sums, expected):
+    broken = tmp_path / "mirror"
+    copy_files(mirror, broken, ["tinyshakespeare/input.txt"])
+    (broken / "SHA256SUMS").write_bytes(sums)
+    monkeypatch.setenv("BOOK_DATA", str(broken))
+    with pytest.raises(DataError) as err:
+        data.load_tinyshakespeare()
+    message = str(err.value)
+    assert str(broken / "SHA256SUMS") in message and expected in message
+    assert "Restore it" in message
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_a_directory_where_a_file_is_listed(mirror, tmp_path, monkeypatch, cache, listed):
+    broken = tmp_path / "mirror"
+    if listed:
+        copy_files(mirror, broken, ["SHA256SUMS"])
+    (broken / "tinyshakespeare" / "input.txt").mkdir(parents=True)
+    monkeypatch.setenv("BOOK_DATA", str(broken))
+    with pytest.raises(DataError) as err:
+        data.load_tinyshakespeare()
+    message = str(err.value)
+    assert f"{broken / 'tinyshakespeare' / 'input.txt'} is a directory" in message
+    assert "Remove it" in message
+
+
+def test_without_sha256sums_the_published_digests_are_checked(mirror, tmp_path, monkeypatch, cache):
+    """A mirror with no SHA256SUMS: the files whose published digest the library knows are still
+    checked; the .npz conversions, which have none, load unchecked (their arrays are checked)."""
+    bare = tmp_path / "mirror"
+    copy_files(mirror, bare, ["tinyshakespeare/input.txt", "wikitext-2/test.txt", "gpt2/vocab.json",
+                              "gpt2/merges.txt", "mnist/test.npz"])
+    monkeypatch.setenv("BOOK_DATA", str(bare))
+    assert len(data.load_tinyshakespeare().text) == 1_115_394
+    assert len(data.load_mnist("test")) == 10_000
+    for rel in ("tinyshakespeare/input.txt", "wikitext-2/test.txt", "gpt2/merges.txt"):
+        target = bare / rel
+        raw = bytearray(target.read_bytes())
+        raw[500] = ord("#") if raw[500] != ord("#") else ord("@")
+        target.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="checksum failed.*published digest"):
+        data.load_tinyshakespeare()
+    with pytest.raises(DataError, match="checksum failed.*published digest"):
+        data.load_wikitext2("test")
+    with pytest.raises(DataError, match="checksum failed.*published digest"):
+        data.gpt2_tokenizer_files()
+    assert set(data.PUBLISHED_SHA256) == {"tinyshakespeare/input.txt", "wikitext-2/valid.txt",
+                                          "wikitext-2/test.txt", "gpt2/vocab.json",
+                                          "gpt2/merges.txt"}
+
+
+def test_published_digest_table_equals_the_mirror_sums(mirror):
+    sums = data._read_sums(mirror)
+    for rel, digest in data.PUBLISHED_SHA256.items():
+        assert sums[rel] == digest, rel
+
+
+def test_gpt2_tokenizer_files_from_the_mirror(with_mirror):
+    vocab, merges = data.gpt2_tokenizer_files()
+    assert vocab == with_mirror / "gpt2" / "vocab.json"
+    assert merges == with_mirror / "gpt2" / "merges.txt"
+    assert merges.read_text(encoding="utf-8").startswith("#version")
+
+
+def test_gpt2_tokenizer_files_download_is_checked(monkeypatch, cache):
+    fetched = fake_downloads(monkeypatch, {"vocab.json": b'{"a": 0}',
+                                           "merges.txt": b"#version: 0.2\n"})
+    with pytest.raises(DataError, match="checksum failed for the download vocab.json"):
+        data.gpt2_tokenizer_files()
+    assert fetched == [data.GPT2_URL + "vocab.json"]
+    assert not (cache / "gpt2" / "vocab.json").exists()

@@ -426,3 +426,63 @@ def test_export_to_a_named_module_needs_no_default_exp(root):
     write_nb(root, "16_a.ipynb", code("#| export only\nA = 1"))
     export.export(root)
     assert "A = 1" in module(root, "only").read_text()
+
+
+# -------------------------------------------------------- directives are comments; output compiles
+
+def test_a_directive_inside_a_string_does_not_mark_a_cell(root):
+    write_nb(root, "08_strings.ipynb",
+             code("#| default_exp strings"),
+             code("#| export\nA = 1"),
+             code('HELP = """How to mark a cell:\n#| export\n"""\nprint(HELP)'))  # a string only
+    export.export(root)
+    text = module(root, "strings").read_text()
+    assert "A = 1" in text
+    assert "HELP" not in text and "cell 3" not in text
+
+
+def test_a_directive_line_inside_a_string_of_a_marked_cell_is_kept(root):
+    write_nb(root, "08_strings.ipynb",
+             code("#| default_exp strings"),
+             code('#| export\nUSAGE = """Mark a cell with\n#| export\nand run the tool."""'))
+    export.export(root)
+    namespace: dict = {}
+    exec(compile(module(root, "strings").read_text(), "strings.py", "exec"), namespace)
+    assert namespace["USAGE"] == "Mark a cell with\n#| export\nand run the tool."
+
+
+@pytest.mark.parametrize("body", [
+    "def timed():\n    %time sum(range(10))\n",                 # the block's only line
+    "for i in range(2):\n    !echo hi\n    X = i\n",            # one line of several
+    "with open('f') as f:\n    if True:\n        %load_ext autoreload\n    Y = 1\n",
+])
+def test_a_magic_inside_a_block_is_refused(root, body, capsys):
+    write_nb(root, "09_magic.ipynb", code("#| default_exp blocks"), code("#| export\n" + body))
+    with pytest.raises(ExportError) as err:
+        export.export(root)
+    message = str(err.value)
+    assert "notebooks/09_magic.ipynb, cell 2" in message and "indented block" in message
+    assert not module(root, "blocks").exists()
+    assert export.main(["--check", "--root", str(root)]) == 2
+    assert "indented block" in capsys.readouterr().err
+
+
+def test_exported_code_that_is_not_python_fails_export_and_check(root, capsys):
+    write_nb(root, "10_broken.ipynb", code("#| default_exp broken"), code("#| export\nA = 1"),
+             code("#| export\ndef f(:\n    return 1\n"))
+    with pytest.raises(ExportError) as err:
+        export.export(root)
+    assert "notebooks/10_broken.ipynb, cell 3" in str(err.value)
+    assert "not valid Python" in str(err.value)
+    assert not module(root, "broken").exists()
+    assert export.main(["--check", "--root", str(root)]) == 2
+    assert "not valid Python" in capsys.readouterr().err
+
+
+def test_a_module_that_only_fails_as_a_whole_is_refused(root):
+    """Each block compiles alone, the module does not: a __future__ import after other code."""
+    write_nb(root, "11_future.ipynb", code("#| default_exp future"), code("#| export\nA = 1"),
+             code("#| export\nfrom __future__ import annotations\nB = 2"))
+    with pytest.raises(ExportError, match="lib/groundup/future.py.*not valid Python"):
+        export.export(root)
+    assert not module(root, "future").exists()

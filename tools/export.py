@@ -13,7 +13,10 @@ Each marked cell is copied, in notebook order, to ``lib/groundup/<module>.py``. 
 small module of its own, e.g. chapter 16's ``evaluate``); each module still belongs to one notebook. The file starts
 with a header saying it is generated, and every block is preceded by a marker naming the notebook
 and the cell (counted from 1) it came from, so a reader of the library can find the chapter that
-teaches each line. IPython magics (``%...``) and shell lines (``!...``) are dropped.
+teaches each line. IPython magics (``%...``) and shell lines (``!...``) at the top level of a
+cell are dropped; one inside an indented block is an error. Directives are read as Python
+comments (with ``tokenize``), so a ``#| export`` line inside a string is text. Every block and
+every module is compiled: output that is not valid Python fails the export and its ``--check``.
 
     python tools/export.py           # write lib/groundup/*.py
     python tools/export.py --check   # exit 1 and print the difference if lib/ is out of sync
@@ -24,6 +27,7 @@ Hand-written modules in the package (they have no generated header) are never to
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import io
 import json
@@ -81,26 +85,89 @@ def _continues(kept: list[str]) -> bool:
     return False
 
 
+def _magic_lines(lines: list[str]) -> set[int]:
+    """Indices of the IPython magic (``%``) and shell (``!``) lines: those starting a statement."""
+    magics, kept = set(), []
+    for k, line in enumerate(lines):
+        if line.lstrip().startswith(("%", "!")) and not _continues(kept):
+            magics.add(k)
+            kept.append("")
+        else:
+            kept.append(line)
+    return magics
+
+
+def _directives(lines: list[str], magics: set[int]) -> dict[int, tuple[str, str]]:
+    """{line index: (name, argument)} of the ``#| name arg`` directives: comments alone on their
+    line, found with Python's tokenizer, so that such a line inside a string is text.
+    A cell the tokenizer cannot read (not Python, e.g. a ``%%bash`` body) is read line by line."""
+    text = "\n".join("" if k in magics else line for k, line in enumerate(lines)) + "\n"
+    found = {}
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type == tokenize.COMMENT and not tok.line[: tok.start[1]].strip():
+                m = DIRECTIVE.match(tok.string)
+                if m:
+                    found[tok.start[0] - 1] = m.groups()
+    except (tokenize.TokenError, SyntaxError, ValueError):
+        found = {k: m.groups() for k, line in enumerate(lines)
+                 if k not in magics and (m := DIRECTIVE.match(line))}
+    return found
+
+
+def _nested_magics(lines: list[str], magics: set[int]) -> list[int]:
+    """The magic lines that sit inside an indented block (a ``def``, ``for``, ``with`` ...).
+    Dropping such a line would change (or empty) the block, so the export refuses them."""
+    placeholder = [(line[: len(line) - len(line.lstrip())] + "pass") if k in magics else line
+                   for k, line in enumerate(lines)]
+    try:
+        tree = ast.parse("\n".join(placeholder) + "\n")
+    except SyntaxError:
+        return []  # not Python as it stands: compiling the exported block reports it
+    top_level = {node.lineno - 1 for node in tree.body}
+    return sorted(k for k in magics if k not in top_level)
+
+
 def _clean(lines: list[str], where: str) -> str:
-    """Drop directives, magics and shell lines; trim blank lines at both ends."""
-    kept = []
-    for line in lines:
-        stripped = line.lstrip()
-        if DIRECTIVE.match(line):
-            continue
-        if stripped.startswith(("%", "!")) and not _continues(kept):
-            if stripped.startswith("%%") and not stripped.startswith(PYTHON_CELL_MAGICS):
-                raise ExportError(
-                    f"{where}: an exported cell uses the cell magic {stripped.split()[0]!r}, "
-                    "whose body is not Python; remove `#| export` from it or drop the magic"
-                )
-            continue
-        kept.append(line.rstrip())
+    """Drop directives, magics and shell lines; trim blank lines at both ends. A magic inside an
+    indented block is an error: the library cannot run it, and dropping it would leave the block
+    changed or empty."""
+    magics = _magic_lines(lines)
+    directives = _directives(lines, magics)
+    for k in sorted(magics):
+        stripped = lines[k].lstrip()
+        if stripped.startswith("%%") and not stripped.startswith(PYTHON_CELL_MAGICS):
+            raise ExportError(
+                f"{where}: an exported cell uses the cell magic {stripped.split()[0]!r}, "
+                "whose body is not Python; remove `#| export` from it or drop the magic"
+            )
+    nested = _nested_magics(lines, magics)
+    if nested:
+        k = nested[0]
+        raise ExportError(
+            f"{where}, line {k + 1}: the magic or shell line {lines[k].strip()!r} sits inside an "
+            "indented block; the exported library cannot run it and dropping it would change the "
+            "block. Move it to a cell of its own (or to the top level of this cell), or remove "
+            "`#| export`"
+        )
+    kept = [line.rstrip() for k, line in enumerate(lines)
+            if k not in magics and k not in directives]
     while kept and not kept[0]:
         kept.pop(0)
     while kept and not kept[-1]:
         kept.pop()
     return "\n".join(kept)
+
+
+def _compile(code: str, where: str) -> None:
+    """Refuse exported code that is not valid Python, naming the cell and line."""
+    try:
+        compile(code, where, "exec", dont_inherit=True)
+    except SyntaxError as err:  # IndentationError included
+        line = f", line {err.lineno} of the exported code" if err.lineno else ""
+        text = f": {err.text.strip()!r}" if err.text and err.text.strip() else ""
+        raise ExportError(f"{where}{line}: the exported code is not valid Python ({err.msg})"
+                          f"{text}; fix the cell") from None
 
 
 def read_notebook(path: Path, root: Path = ROOT) -> list[Module]:
@@ -117,11 +184,7 @@ def read_notebook(path: Path, root: Path = ROOT) -> list[Module]:
             continue
         lines = _source(cell).splitlines()
         targets = []
-        for line in lines:
-            m = DIRECTIVE.match(line)
-            if not m:
-                continue
-            name, arg = m.groups()
+        for name, arg in _directives(lines, _magic_lines(lines)).values():
             if name == "default_exp":
                 if not MODULE_NAME.match(arg):
                     raise ExportError(f"{rel}, cell {number}: `#| default_exp {arg}` is not a valid module name")
@@ -156,6 +219,7 @@ def read_notebook(path: Path, root: Path = ROOT) -> list[Module]:
         module = modules.setdefault(name, Module(name, rel))
         code = _clean(lines, f"{rel}, cell {number}")
         if code:
+            _compile(code, f"{rel}, cell {number}")
             module.blocks.append((number, code))
     return list(modules.values())
 
@@ -190,7 +254,9 @@ def plan(root: Path = ROOT) -> tuple[dict[Path, str], list[Path]]:
                 f"{module.notebook} exports to {target.relative_to(root)}, which is a hand-written module; "
                 "choose another `#| default_exp` name"
             )
-        wanted[target] = module.render()
+        text = module.render()
+        _compile(text, target.relative_to(root).as_posix())  # the whole module, as it is imported
+        wanted[target] = text
     stale = [p for p in sorted(package.glob("*.py")) if p not in wanted and is_generated(p)]
     return wanted, stale
 

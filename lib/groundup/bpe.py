@@ -3,6 +3,7 @@
 
 
 # %% notebooks/08_bpe_tokenizer.ipynb, cell 3
+import gc
 import heapq
 import json
 import math
@@ -76,18 +77,32 @@ def word_counts(text: str, pattern: str = GPT2_SPLIT_PATTERN) -> dict:
 
 # %% notebooks/08_bpe_tokenizer.ipynb, cell 16
 def train_merges(word_counts: dict, num_merges: int, byte_rank=None) -> dict:
-    """Incremental BPE trainer: same merges as `train_merges_naive`, updating only the words a merge touches.
+    """Incremental BPE trainer: same merges as `train_merges_naive`, updating only the pairs around
+    each merge site (eq. 4) in the words that hold the merged pair.
 
     `word_counts` maps byte strings to frequencies; returns {(a, b): new_id} in merge order."""
+    # The trainer makes ~10^5 small lists, tuples and sets and no reference cycles: refcounting
+    # frees them, so Python's cyclic garbage collector is paused while it runs (in a notebook, one
+    # full collection over the heap of torch and matplotlib can cost as much as all the merges).
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _train_merges(word_counts, num_merges, byte_rank)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _train_merges(word_counts: dict, num_merges: int, byte_rank=None) -> dict:
     words = [list(w) for w in word_counts]
     freqs = list(word_counts.values())
     counts = defaultdict(int)                       # eq. (3), kept current
-    where = defaultdict(set)                        # pair -> indices of the words that (may) contain it
+    where = defaultdict(set)                        # pair -> indices of the words that contain it
     for i, w in enumerate(words):
         for pair in zip(w, w[1:]):
             counts[pair] += freqs[i]
             where[pair].add(i)
-    heap = [(-c, _tie_key(p, byte_rank), p) for p, c in counts.items()]   # max-heap by (count, smallest key)
+    heap = [(-c, _tie_key(p, byte_rank), p) for p, c in counts.items()]   # max-heap by (count, key)
     heapq.heapify(heap)
     merges = {}
     for k in range(num_merges):
@@ -102,18 +117,36 @@ def train_merges(word_counts: dict, num_merges: int, byte_rank=None) -> dict:
             break                                   # no pair left: every word is a single symbol
         if c <= 0:
             break
-        new_id = 256 + k
-        merges[pair] = new_id
+        z = 256 + k
+        merges[pair] = z
+        a, b = pair
         delta = defaultdict(int)
-        for i in where.pop(pair):                   # only the words containing the pair
+        for i in where.pop(pair):                   # exactly the words holding the pair
             w, f = words[i], freqs[i]
-            new_w = merge_pair(w, pair, new_id)
-            for p in zip(w, w[1:]):                 # eq. (4): remove the old word's pairs ...
-                delta[p] -= f
-            for p in zip(new_w, new_w[1:]):         # ... and add the new word's
-                delta[p] += f
-                where[p].add(i)
-            words[i] = new_w
+            lost = []                               # pairs that may have left word i
+            j, n = 0, len(w) - 1
+            while j < n:                            # merge in place, left to right
+                if w[j] == a and w[j + 1] == b:
+                    if j:                           # eq. (4) at the site: (x, a) -> (x, z)
+                        x = w[j - 1]
+                        delta[x, a] -= f
+                        delta[x, z] += f
+                        lost.append((x, a))
+                        where[x, z].add(i)
+                    w[j:j + 2] = (z,)
+                    n -= 1
+                    if j < n:                       # ... and (b, y) -> (z, y)
+                        y = w[j + 1]
+                        delta[b, y] -= f
+                        delta[z, y] += f
+                        lost.append((b, y))
+                        where[z, y].add(i)
+                j += 1
+            if lost:                                # keep `where` exact
+                present = set(zip(w, w[1:]))
+                for p in lost:
+                    if p not in present and p in where:
+                        where[p].discard(i)
         del counts[pair]
         delta.pop(pair, None)
         for p, d in delta.items():
@@ -128,37 +161,47 @@ def train_merges(word_counts: dict, num_merges: int, byte_rank=None) -> dict:
 class BPETokenizer:
     """Byte-level BPE (Sennrich et al. 2016) with GPT-2's pre-tokenization (Radford et al. 2019).
 
-    Ids 0..255 are bytes, 256..256+M-1 are merges in rank order, special tokens come after."""
+    Ids 0..255 are bytes (byte b has id `byte_ids[b]`, by default b itself), 256..256+M-1 are
+    merges in rank order, special tokens come after (any ids from 256+M up; `vocab_size` is the
+    largest id + 1)."""
 
     FORMAT = "groundup-bpe"
 
-    def __init__(self, pattern: str = GPT2_SPLIT_PATTERN):
+    def __init__(self, pattern: str = GPT2_SPLIT_PATTERN, byte_ids=None):
         self.pattern = pattern
         self.compiled = regex.compile(pattern)
+        self.byte_ids = list(range(256)) if byte_ids is None else [int(i) for i in byte_ids]
+        if sorted(self.byte_ids) != list(range(256)):
+            raise ValueError("byte_ids must be a permutation of 0..255 (the id of each byte)")
         self.merges: dict[tuple[int, int], int] = {}
         self.special_tokens: dict[str, int] = {}
         self._rebuild()
 
     def _rebuild(self):
-        self.vocab = {i: bytes([i]) for i in range(256)}             # id -> bytes
+        self.vocab = {self.byte_ids[b]: bytes([b]) for b in range(256)}   # id -> bytes
         for (a, b), z in self.merges.items():
             self.vocab[z] = self.vocab[a] + self.vocab[b]
         self.inverse_special = {i: s for s, i in self.special_tokens.items()}
+        self._byte_table = bytes(self.byte_ids)     # chunk.translate(table): each byte -> its id
         self._cache = {}
 
     @property
     def vocab_size(self) -> int:
-        """Number of ids, special tokens included: 256 + len(merges) + len(special_tokens)."""
-        return 256 + len(self.merges) + len(self.special_tokens)
+        """Largest id + 1, special tokens included: every id `encode` emits is below it (an
+        embedding table of this size fits). Ids in a gap below a special token are unused; decode
+        rejects them."""
+        return max([256 + len(self.merges), *(i + 1 for i in self.special_tokens.values())])
 
     # ----------------------------------------------------------------------------------- training
     def train(self, text: str, vocab_size: int, special_tokens: dict[str, int] | None = None, verbose=False,
               byte_rank=None) -> "BPETokenizer":
-        """Learn vocab_size - 256 merges from `text` (incremental trainer); special tokens come on top."""
+        """Learn vocab_size - 256 merges from `text` (incremental trainer); special tokens come
+        on top. Training numbers the bytes by value (`byte_ids` back to the identity)."""
         if vocab_size < 256:
             raise ValueError(f"vocab_size={vocab_size} is below the 256 byte symbols; ask for at least 256")
         counts = word_counts(text, self.pattern)                          # eq. (3)
         self.merges = train_merges(counts, vocab_size - 256, byte_rank=byte_rank)
+        self.byte_ids = list(range(256))
         if verbose or len(self.merges) < vocab_size - 256:
             print(f"{len(counts):,} distinct chunks, {len(self.merges):,} merges"
                   + ("" if len(self.merges) == vocab_size - 256 else " (no pairs left to merge)"))
@@ -189,7 +232,7 @@ class BPETokenizer:
         ids = self._cache.get(chunk)
         if ids is not None:
             return ids
-        ids = list(chunk)
+        ids = list(chunk.translate(self._byte_table))
         while len(ids) >= 2:
             pair = min(zip(ids, ids[1:]), key=lambda p: self.merges.get(p, math.inf))   # lowest rank first
             if pair not in self.merges:
@@ -260,7 +303,10 @@ class BPETokenizer:
         """A readable JSON file: format, pattern, special tokens, one merge per line [a, b, "token text"]."""
         lines = [f'  [{a}, {b}, {json.dumps(self.vocab[z].decode("utf-8", errors="backslashreplace"))}]'
                  for (a, b), z in self.merges.items()]
-        head = {"format": self.FORMAT, "version": 1, "pattern": self.pattern, "special_tokens": self.special_tokens}
+        head = {"format": self.FORMAT, "version": 1, "pattern": self.pattern,
+                "special_tokens": self.special_tokens}
+        if self.byte_ids != list(range(256)):
+            head["byte_ids"] = self.byte_ids
         body = json.dumps(head, indent=1, ensure_ascii=False)[:-2]
         text = body + ',\n "merges": [\n' + ",\n".join(lines) + "\n ]\n}\n"
         Path(path).write_text(text, encoding="utf-8")
@@ -271,7 +317,7 @@ class BPETokenizer:
         if data.get("format") != cls.FORMAT or data.get("version") != 1:
             raise ValueError(f"{path} is not a {cls.FORMAT} v1 file (format={data.get('format')!r}, "
                              f"version={data.get('version')!r}); write it with BPETokenizer.save")
-        tok = cls(data["pattern"])
+        tok = cls(data["pattern"], byte_ids=data.get("byte_ids"))
         for k, m in enumerate(data["merges"]):
             a, b = int(m[0]), int(m[1])
             if not (0 <= a < 256 + k and 0 <= b < 256 + k):
@@ -307,6 +353,35 @@ def hf_byte_rank() -> list[int]:
 
 
 # %% notebooks/08_bpe_tokenizer.ipynb, cell 38
+def load_gpt2_tokenizer(vocab_file=None, merges_file=None) -> BPETokenizer:
+    """GPT-2's tokenizer from its published `vocab.json` and `merges.txt` (by default from the data
+    mirror, the cache or the Hub: `groundup.data.gpt2_tokenizer_files`)."""
+    if vocab_file is None or merges_file is None:
+        from .data import gpt2_tokenizer_files
+        vocab_file, merges_file = gpt2_tokenizer_files()
+    vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))          # token text -> id
+    lines = Path(merges_file).read_text(encoding="utf-8").splitlines()
+    lines = [line for line in lines if line and not line.startswith("#version")]
+    b2u = bytes_to_unicode()
+    tok = BPETokenizer(GPT2_SPLIT_PATTERN, byte_ids=[vocab[b2u[b]] for b in range(256)])
+    for k, line in enumerate(lines):
+        left, right = line.split(" ")
+        z = vocab[left + right]
+        if z != 256 + k:
+            raise ValueError(f"{merges_file}: merge {k} ({line!r}) makes id {z}, not {256 + k}; "
+                             "ranks and ids must agree as in GPT-2's files")
+        tok.merges[vocab[left], vocab[right]] = z
+    tok._rebuild()
+    u2b = {u: b for b, u in b2u.items()}
+    tok.register_special_tokens({t: i for t, i in vocab.items() if i not in tok.vocab})
+    for t, i in vocab.items():                  # every entry of vocab.json is what we rebuilt
+        if i in tok.vocab and tok.vocab[i] != bytes(u2b[ch] for ch in t):
+            raise ValueError(f"{vocab_file}: id {i} is {t!r}, but the merges build "
+                             f"{tok.vocab[i]!r}")
+    return tok
+
+
+# %% notebooks/08_bpe_tokenizer.ipynb, cell 41
 def bits_per_char(nats_per_token: float, n_tokens: int, n_chars: int) -> float:
     """Eq. (5): a loss in nats per token -> bits per character of the text those tokens encode."""
     if n_tokens <= 0 or n_chars <= 0:

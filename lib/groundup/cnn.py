@@ -18,7 +18,7 @@ from groundup.basics import accuracy
 from groundup.checkpoint import checkpoint_dir, load_checkpoint, read_extra, save_checkpoint
 from groundup.data import load_cifar10
 from groundup.mlp import cosine_lr, evaluate
-from groundup.runtime import autocast, batch_indices, get_profile, progress
+from groundup.runtime import autocast, batch_indices, get_profile, progress, sync
 
 
 # %% notebooks/03_cnn_cifar10.ipynb, cell 6
@@ -243,11 +243,6 @@ class Lookahead(nn.Module):
             state[k].copy_(slow)
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def recipe_tag(recipe: Recipe, **more) -> str:
     """A short stable hash of a recipe (and anything else that shapes a run), for checkpoint names."""
     text = json.dumps(asdict(recipe) | more, sort_keys=True)
@@ -289,7 +284,7 @@ def train_classifier(model: nn.Module, X: torch.Tensor, y: torch.Tensor, X_eval:
     X_pad = F.pad(X, (r.translate,) * 4, mode="reflect") if r.translate else X
 
     for epoch in progress(range(start_epoch, r.epochs), desc=desc, initial=start_epoch, total=r.epochs):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         # the epoch's batches: batch_indices with a batch of the whole epoch is the epoch's permutation
         order = batch_indices(n, steps_per_epoch * r.batch_size, epoch, r.seed).view(steps_per_epoch, -1).to(device)
@@ -314,7 +309,7 @@ def train_classifier(model: nn.Module, X: torch.Tensor, y: torch.Tensor, X_eval:
             correct += (logits.argmax(1) == y[idx]).sum()
         if lookahead is not None and epoch + 1 == r.epochs:
             lookahead.update(model, decay=1.0)                      # finish on the slow weights
-        _sync(device)
+        sync(device)
         seconds += time.perf_counter() - t0
         end = (epoch + 1) * steps_per_epoch
         history["train_loss"] += [(end - len(losses) + j, v) for j, v in enumerate(torch.stack(losses).tolist())]
@@ -330,15 +325,24 @@ def train_classifier(model: nn.Module, X: torch.Tensor, y: torch.Tensor, X_eval:
 
 
 # %% notebooks/03_cnn_cifar10.ipynb, cell 53
+def float64_device(device) -> torch.device:
+    """Where float64 work on data held on `device` runs: the device itself, except Apple's MPS,
+    which has no float64: there, the CPU (the result is moved back)."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 def patch_whitening(X_norm: torch.Tensor, kernel: int = 2, eps: float = 5e-4) -> torch.Tensor:
     """Filters (2 C k^2, C, k, k): the rows of eq. (13) for the patches of X_norm, and their negatives."""
+    device = X_norm.device
     C = X_norm.shape[1]
-    patches = im2col(X_norm, kernel).transpose(1, 2).reshape(-1, C * kernel * kernel).double()  # (patches, C k^2)
-    patches = patches - patches.mean(dim=0)
+    X_norm = X_norm.to(float64_device(X_norm.device))               # the covariance in float64
+    patches = im2col(X_norm, kernel).transpose(1, 2).reshape(-1, C * kernel * kernel).double()
+    patches = patches - patches.mean(dim=0)                            # (patches, C k^2)
     cov = (patches.T @ patches / len(patches)).cpu()
     evals, evecs = torch.linalg.eigh(cov)                              # Sigma = V diag(evals) V^T
     W = evecs.T / torch.sqrt(evals + eps)[:, None]                     # eq. (13)
-    W = W.to(X_norm.device, torch.float32).reshape(-1, C, kernel, kernel)
+    W = W.to(device, torch.float32).reshape(-1, C, kernel, kernel)   # back to the data's device
     return torch.cat([W, -W])
 
 

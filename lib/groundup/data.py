@@ -13,11 +13,17 @@ Layout (the one of the book's offline mirror)::
     cifar10/train-0.npz … train-4.npz, test.npz      images uint8 [N,32,32,3], labels, classes
     tinyshakespeare/input.txt                        UTF-8 text
     wikitext-2/train.txt, valid.txt, test.txt        UTF-8 text (tokenized variant)
+    gpt2/vocab.json, gpt2/merges.txt                 GPT-2's tokenizer files (as on the Hub)
     SHA256SUMS                                       "<sha256>  <path>" per file
 
 A file listed in its folder's ``SHA256SUMS`` is checked before use: a truncated or corrupt file
-raises :class:`DataError` naming the file and both checksums, never silent garbage. Nothing found
-and no network: :class:`DataError` naming the files and the variable to set.
+raises :class:`DataError` naming the file and both checksums, never silent garbage. A file that is
+not listed there (or a folder without ``SHA256SUMS``) is checked against :data:`PUBLISHED_SHA256`
+when it is one of the files whose digest the library knows: those copied unchanged from their
+canonical source (the texts and GPT-2's tokenizer files). The ``.npz`` files are conversions (the
+mirror's and the cache's differ, byte for byte), so no published digest exists for them: unlisted,
+they are only checked for the arrays they must hold. Nothing found and no network:
+:class:`DataError` naming the files and the variable to set.
 """
 
 from __future__ import annotations
@@ -66,6 +72,18 @@ WIKITEXT2_SHA256 = {
     "test.txt": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
     "train.txt": None,  # not known to us: recorded in the cache's SHA256SUMS at first download
 }
+GPT2_URL = "https://huggingface.co/openai-community/gpt2/resolve/main/"
+GPT2_SHA256 = {  # = OpenAI's encoder.json and vocab.bpe (the digests tiktoken pins), as on the Hub
+    "vocab.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "merges.txt": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+# The sha256 of every file the library knows a published digest for: files copied byte for byte from
+# their canonical source. Used where a folder's SHA256SUMS does not list the file (or is absent).
+PUBLISHED_SHA256 = {
+    "tinyshakespeare/input.txt": SHAKESPEARE_SHA256,
+    **{f"wikitext-2/{f}": d for f, d in WIKITEXT2_SHA256.items() if d is not None},
+    **{f"gpt2/{f}": d for f, d in GPT2_SHA256.items()},
+}
 DOWNLOAD_TIMEOUT_S = 20
 
 
@@ -98,14 +116,31 @@ def sha256(path: Path) -> str:
 
 
 def _read_sums(root: Path) -> dict[str, str]:
+    """``root/SHA256SUMS`` as {path: digest}; {} if there is none. A file that is not in
+    ``sha256sum``'s format ("<64 hex digits>  <path>" per line, UTF-8) is a :class:`DataError`
+    saying which line."""
     sums_file = root / "SHA256SUMS"
     if not sums_file.exists():
         return {}
+    fix = ("Restore it (for the mirror, copy it again; for the cache, delete it and the cache's "
+           "files and run again to download them afresh).")
+    try:
+        text = sums_file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{sums_file} is not UTF-8 text ({err}). {fix}") from None
+    except OSError as err:
+        raise DataError(f"{sums_file} cannot be read ({err}). {fix}") from None
     sums = {}
-    for line in sums_file.read_text().splitlines():
-        if line.strip():
-            digest, name = line.split(maxsplit=1)
-            sums[name.strip().lstrip("*")] = digest
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=1)
+        digest = parts[0].lower()
+        name = parts[1].strip().lstrip("*") if len(parts) == 2 else ""
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or not name:
+            raise DataError(f"{sums_file}, line {number}, is not "
+                            f"'<sha256 in 64 hex digits>  <path>': {line[:120]!r}. {fix}")
+        sums[name] = digest
     return sums
 
 
@@ -115,16 +150,25 @@ _verified: set[tuple[str, float, int]] = set()
 def verify(root: Path, rel: str) -> Path:
     """Check ``root/rel`` against ``root/SHA256SUMS`` (when it lists the file); return its path."""
     path = root / rel
+    if not path.is_file():
+        raise DataError(
+            f"{path} is {'a directory' if path.is_dir() else 'not a regular file'}, where the "
+            f"data file {rel} should be. Remove it and put the file there (for the mirror, copy it "
+            "again; for the cache, delete it and run again to download the file)."
+        )
     stat = path.stat()
     key = (str(path), stat.st_mtime, stat.st_size)
     if key in _verified:
         return path
     expected = _read_sums(root).get(rel)
+    source = f"SHA256SUMS in {root} expects"
+    if expected is None and rel in PUBLISHED_SHA256:  # not listed: the published digest, if known
+        expected, source = PUBLISHED_SHA256[rel], "its published digest (known to groundup.data) is"
     if expected is not None:
         actual = sha256(path)
         if actual != expected:
             raise DataError(
-                f"checksum failed for {path}: SHA256SUMS in {root} expects {expected}, the file has {actual}. "
+                f"checksum failed for {path}: {source} {expected}, the file has {actual}. "
                 "The file is corrupt or truncated: restore it (for the mirror, copy it again; for the cache, "
                 f"delete {path} and run again to download it afresh)."
             )
@@ -235,12 +279,22 @@ class TextSet:
         return {"dataset": self.name, "split": self.split, "characters": len(self.text), "source": self.source}
 
 
-def _load_npz(path: Path) -> dict:
+def _load_npz(path: Path, required: tuple[str, ...] = ("images", "labels")) -> dict:
+    """The arrays of an ``.npz`` file of the book's layout; ``required`` must all be there."""
     try:
         with np.load(path) as f:
-            return {k: f[k] for k in f.files}
+            arrays = {k: f[k] for k in f.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
         raise DataError(f"{path} is not a readable .npz file ({err}); restore or delete it") from None
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        raise DataError(
+            f"{path} lacks the array(s) {', '.join(missing)} "
+            f"(it holds {sorted(arrays) or 'none'}): it is not a file of the book's data layout, "
+            f"which needs {', '.join(required)}. Restore it (for the mirror, copy it again; for "
+            "the cache, delete it and run again to download it afresh)."
+        )
+    return arrays
 
 
 def _idx(raw: bytes) -> np.ndarray:
@@ -295,7 +349,7 @@ def load_cifar10(split: str = "train", shards=range(5)) -> ImageSet:
         raise ValueError(f"CIFAR-10 split must be 'train' or 'test', not {split!r}")
     rels = [f"cifar10/train-{i}.npz" for i in shards] if split == "train" else ["cifar10/test.npz"]
     root, source = locate("CIFAR-10", rels, _download_cifar10)
-    parts = [_load_npz(root / r) for r in rels]
+    parts = [_load_npz(root / r, ("images", "labels", "classes")) for r in rels]
     return ImageSet("CIFAR-10", split if split == "test" else f"train shards {list(shards)}",
                     np.concatenate([p["images"] for p in parts]),
                     np.concatenate([p["labels"] for p in parts]).astype(np.int64),
@@ -335,3 +389,17 @@ def load_wikitext2(split: str = "valid") -> TextSet:
                           lambda cache: _download_text(WIKITEXT2_URL + file, WIKITEXT2_SHA256[file], cache, rel))
     return TextSet("WikiText-2", split, _read_text(root / rel), source)
 
+
+
+def gpt2_tokenizer_files() -> tuple[Path, Path]:
+    """GPT-2's byte-level BPE files ``(vocab.json, merges.txt)``, as published with GPT-2 and on the
+    Hugging Face Hub's ``gpt2`` model: from the mirror, else the cache, else downloaded from the Hub
+    (checked against :data:`GPT2_SHA256` either way)."""
+    rels = [f"gpt2/{f}" for f in GPT2_SHA256]
+
+    def download(cache: Path) -> None:
+        for file, digest in GPT2_SHA256.items():
+            _download_text(GPT2_URL + file, digest, cache, f"gpt2/{file}")
+
+    root, _ = locate("GPT-2's tokenizer files", rels, download)
+    return root / "gpt2" / "vocab.json", root / "gpt2" / "merges.txt"
