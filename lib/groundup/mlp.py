@@ -79,7 +79,7 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator, si
     return padded[torch.arange(B, device=x.device)[:, None, None], rows, cols].reshape(B, -1)
 
 
-# %% notebooks/02_mlp_mnist.ipynb, cell 25
+# %% notebooks/02_mlp_mnist.ipynb, cell 27
 @torch.no_grad()
 def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of a classifier on a data set."""
