@@ -71,3 +71,11 @@ def test_fresh_runs_delete_only_the_chapters_own_checkpoints(monkeypatch, tmp_pa
         (tmp_path / name).write_text("x")
     found = run_notebooks.chapter_checkpoints(Path("notebooks/02_mlp_mnist.ipynb"))
     assert [p.name for p in found] == ["02_mlp_cpu.safetensors", "02_mlp_smoke.safetensors"]
+
+
+def test_a_busy_machine_is_said():
+    nb = notebook()
+    run_notebooks.stamp_header(nb, "cpu", "CPU: X (2 cores)", 120.0, "2026-12-02", load=6.4)
+    text = nb.cells[0].source
+    assert "(2026-12-02, on a machine shared with other jobs (load average 6.4))." in text
+    assert "| cpu | 2 CPU cores | 3000 steps | 2.0 min (measured 2026-12-02; shared machine) |" in text

@@ -55,22 +55,23 @@ def leaked_paths(nb) -> list[str]:
 OUTPUTS_LINE = "**Outputs on this page.**"
 
 
-def stamp_header(nb, profile: str, device: str, seconds: float, date: str) -> None:
+def stamp_header(nb, profile: str, device: str, seconds: float, date: str, load: float | None = None) -> None:
     """Write what produced the page into the header cell: the line that starts with OUTPUTS_LINE (added if
     missing) and, in the runtime table, the measured time of the row of this profile (rows that mention a
     T4 are estimates for another machine and stay as they are)."""
     header = nb.cells[0]
     lines = header.source.split("\n")
     minutes = f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    busy = f", on a machine shared with other jobs (load average {load:.1f})" if load else ""
     stamp = (f"{OUTPUTS_LINE} A `{profile}`-profile run on {device}: {minutes} for the whole notebook "
-             f"({date}).")
+             f"({date}{busy}).")
     lines = [stamp if line.startswith(OUTPUTS_LINE) else line for line in lines]
     if stamp not in lines:
         lines += ["", stamp]
     for i, line in enumerate(lines):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("|") and cells[0] == profile and "T4" not in line and len(cells) >= 3:
-            lines[i] = "| " + " | ".join(cells[:-1] + [f"{minutes} (measured {date})"]) + " |"
+            lines[i] = "| " + " | ".join(cells[:-1] + [f"{minutes} (measured {date}{'; shared machine' if load else ''})"]) + " |"
             break
     header.source = "\n".join(lines)
 
@@ -84,6 +85,14 @@ def chapter_checkpoints(path: Path) -> list[Path]:
     return sorted(folder.glob(f"{number}_*")) if folder.is_dir() else []
 
 
+def _load() -> float:
+    """The 5-minute load average (it includes this run itself, about one per busy core)."""
+    try:
+        return os.getloadavg()[1]
+    except OSError:
+        return 0.0
+
+
 def run(path: Path, fresh: bool = False) -> float:
     """Execute one notebook in place. ``fresh``: delete the chapter's own checkpoints first, so that the page
     shows a run that trained (and timed) everything, not one that loaded a finished checkpoint."""
@@ -95,9 +104,10 @@ def run(path: Path, fresh: bool = False) -> float:
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=1800, kernel_name="python3", record_timing=False,
                             store_widget_state=True, resources={"metadata": {"path": str(path.parent)}})
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), _load()
     client.execute()
     seconds = time.perf_counter() - start
+    load = max(load_before, _load())     # the machine's other work: a busy machine inflates the times
     nb.metadata["groundup"] = {
         "profile": get_profile(),
         "device": device_name(get_device()),
@@ -105,9 +115,11 @@ def run(path: Path, fresh: bool = False) -> float:
         "git": git_commit(),
         "executed": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "execution_time_s": round(seconds, 1),
+        "load_average": round(load, 2),
     }
-    stamp_header(nb, get_profile(), device_name(get_device()), seconds,
-                 nb.metadata["groundup"]["executed"][:10])
+    cores = os.cpu_count() or 1
+    stamp_header(nb, get_profile(), device_name(get_device()), seconds, nb.metadata["groundup"]["executed"][:10],
+                 load=load if load > cores + 0.5 else None)
     nbformat.write(nb, path)
     leaks = leaked_paths(nb)
     if leaks:
