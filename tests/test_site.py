@@ -128,7 +128,8 @@ return [...document.querySelectorAll('article table td, article table th')]
   .filter(td => td.innerText.includes('`')).map(td => td.innerText.slice(0, 120));
 """
 
-CELLS_JS = r"""return [...document.querySelectorAll('article table td')].map(td => td.innerText.trim());"""
+# textContent: a table folded in a dropdown is not rendered, but its cells are there
+CELLS_JS = r"""return [...document.querySelectorAll('article table td')].map(td => td.textContent.trim());"""
 
 
 def _same(text: str) -> str:

@@ -111,15 +111,21 @@ def describe_data(data: dict) -> str:
 
 
 def book_page(records: list[dict]) -> str:
-    parts = [f"# Results\n\n{INTRO}\n## Summary\n\nOne row per chapter: its headline number and the run "
-             f"that made it. Every row of every chapter follows, chapter by chapter.\n\n{overview(records)}\n"]
+    """The website's results page: the one-screen summary, how runs are judged, then every row of every
+    chapter, each chapter's table folded under its heading."""
+    parts = ["# Results\n\nOne row per chapter: its headline number, its target, and the run that made it "
+             "(profile and device). Every row of every chapter follows [below](#all-rows).\n\n"
+             f":::{{table}}\n:class: groundup-summary\n{overview(records)}\n:::\n\n"
+             f"## How the runs are judged\n\n{INTRO}\n(all-rows)=\n## Every row, chapter by chapter\n"]
     for rec in records:
         number = rec["chapter"][:2]
         link = f"[chapter {number}](../notebooks/{rec['chapter']}.ipynb)"
-        parts.append(f"\n(ch-{number})=\n## {number} · {rec['title']}\n\nFrom {link}:\n\n{rows_markdown(rec)}\n")
-        parts.append(f"\nData: {describe_data(rec['data'])}.\n")
+        body = f"{rows_markdown(rec)}\n\nData: {describe_data(rec['data'])}.\n"
         if rec.get("notes"):
-            parts.append(f"\n{rec['notes']}\n")
+            body += f"\n{rec['notes']}\n"
+        parts.append(f"\n(ch-{number})=\n### {number} · {rec['title']}\n\n"
+                     f"{len(rec['rows'])} rows from {link}, {rec['profile']} profile on {rec['device']}.\n\n"
+                     f"::::{{dropdown}} The {len(rec['rows'])} rows and the data\n{body}::::\n")
     return "".join(parts)
 
 
