@@ -194,3 +194,24 @@ def test_results_page_describes_any_data_record():
     assert describe_data(mixed) == "CIFAR-10: 5 examples (nll_images 16); tokenizer: BPE, vocabulary 512"
     flat = {"dataset": "Tiny Shakespeare", "characters": 1115394, "lm_split": "90/10"}
     assert describe_data(flat) == "Tiny Shakespeare: 1,115,394 characters (lm_split: 90/10)"
+
+
+def test_results_page_summary_has_one_row_per_chapter():
+    """The results page opens with one row per chapter: its marked headline row, else its first scored row."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from results_table import headline, overview
+
+    def rec(chapter, rows, profile="cpu"):
+        return {"chapter": chapter, "profile": profile, "device": "CPU: test (2 cores)", "device_type": "cpu",
+                "rows": [dataclasses.asdict(r) for r in rows]}
+
+    a = rec("01_a", [Row("ours vs torch, max abs. error", 1e-15, target="< 1e-12", met=True, any_profile=True),
+                     Row("test error", 0.08, target="<= 10%", met=True)])
+    b = rec("02_b", [Row("test error", 0.02, target="<= 2%", met=True),
+                     Row("FID | 10k", 5.0, target="<= 20", met=True, headline=True)], profile="smoke")
+    assert headline(a)["metric"] == "test error" and headline(b)["metric"] == "FID | 10k"
+    lines = overview([a, b]).splitlines()
+    assert len(lines) == 2 + 2
+    assert lines[2] == "| [01](#ch-01) | test error | 0.08 | <= 10% | yes | cpu | CPU: test (2 cores) |"
+    assert lines[3] == "| [02](#ch-02) | FID \\| 10k | 5 | <= 20 | smoke run | smoke | CPU: test (2 cores) |"
