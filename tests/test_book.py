@@ -147,3 +147,16 @@ def test_citations_are_not_doubled(path):
             doubled = re.findall(r"[A-Z][\w-]+(?:\s+et\s+al\.|\s+and\s+[A-Z][\w-]+)(?:'s)?,?\s+(?:\d{4}\s+)?\{cite(?::p)?\}`",
                                  _text(cell))
             assert not doubled, f"{path.name}: {doubled}"
+
+
+def test_arxiv_identifiers_are_links():
+    """An arXiv identifier is a link to its abstract wherever it appears: in the chapters' text as
+    [arXiv:ID](https://arxiv.org/abs/ID), in the bibliography as an `eprint` (the style links it)."""
+    bare = re.compile(r"(?<![\[/])arXiv:\d{4}\.\d{4,5}")
+    for path in NOTEBOOKS:
+        for cell in _cells(path):
+            if cell["cell_type"] == "markdown":
+                assert not bare.findall(_text(cell)), f"{path.name}: {bare.findall(_text(cell))}"
+    bib = (ROOT / "book" / "references.bib").read_text()
+    assert not re.findall(r"(?i)(note|journal|howpublished)\s*=\s*\{[^}]*arxiv", bib), \
+        "write an arXiv paper's identifier as eprint = {ID}, archivePrefix = {arXiv}"
