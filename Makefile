@@ -11,13 +11,14 @@ TEST_ENV := BOOK_PROFILE=smoke BOOK_RESULTS_DIR=$(CURDIR)/_build/test-results \
 NB ?= notebooks/*.ipynb
 # Every test run trains from scratch: no checkpoint or result of an earlier run is reused.
 CLEAN_TEST_STATE := rm -rf _build/test-results _build/test-checkpoints
+# Committed outputs come from a cpu or full run (CONTRIBUTING.md); smoke is what CI runs.
 PROFILE ?= cpu
 
 .PHONY: help venv book html test unit notebooks lab export check-export results outputs clean
 
 help:
 	@echo "make book          set up .venv and build the website into _build/html"
-	@echo "make test          set up .venv, run unit tests, the export check, every notebook (smoke), the site build"
+	@echo "make test          set up .venv, run unit tests, the export check, every notebook (smoke), the site build and its browser test"
 	@echo "make lab           open JupyterLab"
 	@echo "make export        write lib/groundup/ from the notebooks' #| export cells"
 	@echo "make check-export  fail if lib/ is out of sync with the notebooks"

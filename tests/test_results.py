@@ -89,7 +89,8 @@ def test_record_results_writes_the_json(monkeypatch, tmp_path, repo):
     assert saved["metrics"] == {"test_acc": 0.9812, "steps": 200}
     assert saved["rows"] == [dataclasses.asdict(r) for r in ROWS]
     assert saved["rows"][0] == {"metric": "test accuracy", "ours": 0.9812, "paper": "98.4% (LeCun 1998)",
-                                "target": ">= 98.0%", "met": True, "unit": ""}
+                                "target": ">= 98.0%", "met": True, "unit": "", "any_profile": False,
+                                "headline": False}
     assert saved["notes"] == "a note"
 
 
@@ -128,7 +129,7 @@ def test_results_dir(monkeypatch, tmp_path, book_root):
 def test_rows_markdown_for_a_smoke_run(monkeypatch, tmp_path, book_root):
     text = rows_markdown(record(monkeypatch, tmp_path, profile="smoke"))
     lines = text.splitlines()
-    assert lines[0] == "| metric | ours | paper | target (full profile) | met |"
+    assert lines[0] == "| metric | ours | paper | target | met |"
     table = [line for line in lines[2:] if line.startswith("|")]
     assert len(table) == len(ROWS)
     for row, line in zip(ROWS, table):
@@ -151,6 +152,26 @@ def test_rows_markdown_for_a_full_run(monkeypatch, tmp_path, book_root):
     assert "| train time | 12.5 s | — | <= 600 s | no |" in text
     assert "smoke run" not in text
     assert text.splitlines()[-1].startswith("*full profile on ")
+
+
+def test_rows_markdown_judges_cpu_runs_and_any_profile_checks(monkeypatch, tmp_path, book_root):
+    rows = [Row("test accuracy", 0.9812, target=">= 98.0%", met=True),
+            Row("ours vs torch, max abs. error", 1e-15, target="< 1e-12", met=True, any_profile=True),
+            Row("ours vs torch, float32", 1e-3, target="< 1e-5", met=False, any_profile=True)]
+    cpu = rows_markdown(record(monkeypatch, tmp_path, profile="cpu", rows=rows))
+    assert "| test accuracy | 0.9812 | — | >= 98.0% | yes |" in cpu and "smoke run" not in cpu
+    smoke = rows_markdown(record(monkeypatch, tmp_path, profile="smoke", rows=rows))
+    assert "| test accuracy | 0.9812 | — | >= 98.0% | smoke run |" in smoke
+    assert "| ours vs torch, max abs. error | 1e-15 | — | < 1e-12 | yes |" in smoke
+    assert "| ours vs torch, float32 | 0.001 | — | < 1e-5 | no |" in smoke
+
+
+def test_rows_markdown_escapes_cell_text(monkeypatch, tmp_path, book_root):
+    """A `|` in a cell would end it (the row's values then shift into the wrong columns); a newline, the row."""
+    rows = [Row("max |p - 1|", 0.5, paper="a | b", target="≤ 1\nnats", met=True)]
+    text = rows_markdown(record(monkeypatch, tmp_path, profile="full", rows=rows))
+    assert "| max \\|p - 1\\| | 0.5 | a \\| b | ≤ 1 nats | yes |" in text.splitlines()
+    assert results.cell("already \\| escaped") == "already \\| escaped"
 
 
 def test_number_formatting():
@@ -193,3 +214,23 @@ def test_record_results_prints_no_absolute_path(monkeypatch, tmp_path, book_root
     results.record_results("01_t", title="t", metrics={}, rows=[], config={}, data={}, wall_time_s=1.0)
     err = capsys.readouterr().err
     assert "wrote results/01_t.json" in err and str(tmp_path) not in err
+
+def test_results_page_summary_has_one_row_per_chapter():
+    """The results page opens with one row per chapter: its marked headline row, else its first scored row."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from results_table import headline, overview
+
+    def rec(chapter, rows, profile="cpu"):
+        return {"chapter": chapter, "profile": profile, "device": "CPU: test (2 cores)", "device_type": "cpu",
+                "rows": [dataclasses.asdict(r) for r in rows]}
+
+    a = rec("01_a", [Row("ours vs torch, max abs. error", 1e-15, target="< 1e-12", met=True, any_profile=True),
+                     Row("test error", 0.08, target="<= 10%", met=True)])
+    b = rec("02_b", [Row("test error", 0.02, target="<= 2%", met=True),
+                     Row("FID | 10k", 5.0, target="<= 20", met=True, headline=True)], profile="smoke")
+    assert headline(a)["metric"] == "test error" and headline(b)["metric"] == "FID | 10k"
+    lines = overview([a, b]).splitlines()
+    assert len(lines) == 2 + 2
+    assert lines[2] == "| [01](#ch-01) | test error | 0.08 | <= 10% | yes | cpu | CPU: test (2 cores) |"
+    assert lines[3] == "| [02](#ch-02) | FID \\| 10k | 5 | <= 20 | smoke run | smoke | CPU: test (2 cores) |"

@@ -1,7 +1,12 @@
 """Generate the results tables from ``results/*.json``: ``results/README.md`` and ``book/results.md``.
 
-    python tools/results_table.py          # write both
-    python tools/results_table.py --check  # exit 1 if either is out of date
+    python tools/results_table.py              # write both
+    python tools/results_table.py --check      # exit 1 if either is out of date
+    python tools/results_table.py --notebooks  # also redraw each chapter's committed results table
+
+``--notebooks`` replaces the committed output of a chapter's ``display(Markdown(rows_markdown(record)))``
+by ``rows_markdown`` of the same run's ``results/<chapter>.json``: the numbers are the run's, only the
+table's formatting is today's (for a change of ``rows_markdown`` itself; it never runs a notebook).
 
 Every number comes from a JSON file that a chapter's code wrote; nothing here is typed by hand.
 """
@@ -10,19 +15,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "lib"))
-from groundup.results import _fmt, rows_markdown  # noqa: E402
+from groundup.results import _fmt, met_text, rows_markdown, table_row  # noqa: E402
 
 INTRO = """Every number below was written by a chapter's own code into `results/<chapter>.json` and
-collected by `tools/results_table.py` (`make results`). Targets are those of the full profile (one
-H100, at most 10 minutes of training); a smoke-profile run (2 CPU cores, seconds of training) only
-shows that the code runs end to end, so it is not judged against them. A full-profile run made on a
-CPU is judged on its metrics but not on targets that name a GPU. Paper figures are quoted with
-their source; ours were measured.
+collected by `tools/results_table.py` (`make results`). A run is judged against the targets of its
+profile (BOOK.md): a `cpu` run (at most 30 minutes on 2 CPU cores) against the cpu targets, a `full`
+run (at most 10 minutes of training on one H100/H200) against the full targets. A `smoke` run (seconds
+of training, what CI runs) only shows that the code runs end to end: its targets read "smoke run",
+except the checks that hold in any profile (equivalences with a reference implementation, exact
+round trips), which are judged in every run. Paper figures are quoted with their source; ours were
+measured.
 """
 
 
@@ -30,31 +38,48 @@ def load(root: Path = ROOT) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((root / "results").glob("*.json"))]
 
 
-def _met(rec: dict, row: dict) -> str:
-    return {True: "yes", False: "no", None: "—"}[row["met"]] if rec["profile"] == "full" else "—"
+# Records written before rows carried `any_profile` name their equivalence checks in words like these.
+_CHECK_WORDS = re.compile(r"\bvs\b|→|round trip|max abs|max rel|max \||= ?greedy")
+
+
+def _is_check(row: dict) -> bool:
+    return bool(row.get("any_profile")) or bool(_CHECK_WORDS.search(row["metric"]))
+
+
+def headline(rec: dict) -> dict:
+    """The row a chapter marked ``headline``; else its first row with a target that is not an equivalence
+    check; else its first row that is not a check; else its first row."""
+    rows = rec["rows"]
+    marked = [r for r in rows if r.get("headline")]
+    scored = [r for r in rows if r["target"] not in ("", "—") and not _is_check(r)]
+    return (marked or scored or [r for r in rows if not _is_check(r)] or rows)[0]
+
+
+def _device(rec: dict) -> str:
+    return rec["device"]
 
 
 def summary(records: list[dict]) -> str:
     """Every row of every chapter with its run: the table issue readers and maintainers scan."""
-    lines = ["| chapter | metric | ours | paper | target | met | profile | device | wall time | date | commit |",
+    lines = [table_row("chapter", "metric", "ours", "paper", "target", "met", "profile", "device", "wall time",
+                       "date", "commit"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for rec in records:
         for r in rec["rows"]:
-            lines.append(
-                f"| {rec['chapter']} | {r['metric']} | {_fmt(r['ours'], r['unit'])} | {r['paper']} | {r['target']} | "
-                f"{_met(rec, r)} | {rec['profile']} | {rec['device']} | {rec['wall_time_s']:.0f} s | {rec['date'][:10]} | "
-                f"`{rec['git']['commit'][:8]}` |")
+            lines.append(table_row(rec["chapter"], r["metric"], _fmt(r["ours"], r["unit"]), r["paper"], r["target"],
+                                   met_text(rec, r), rec["profile"], rec["device"], f"{rec['wall_time_s']:.0f} s",
+                                   rec["date"][:10], f"`{rec['git']['commit'][:8]}`"))
     return "\n".join(lines)
 
 
-def compact(records: list[dict]) -> str:
-    """The website's overview: narrow enough to read; each chapter's section below has the details."""
-    lines = ["| chapter | metric | ours | target | met | run |", "|---|---|---|---|---|---|"]
+def overview(records: list[dict]) -> str:
+    """The website's one-screen summary: one row per chapter, its headline number and the run that made it."""
+    lines = ["| chapter | headline metric | ours | target | met | profile | device |", "|---|---|---|---|---|---|---|"]
     for rec in records:
-        link = f"[{rec['chapter'][:2]}](../notebooks/{rec['chapter']}.ipynb)"
-        for r in rec["rows"]:
-            lines.append(f"| {link} | {r['metric']} | {_fmt(r['ours'], r['unit'])} | {r['target']} | {_met(rec, r)} | "
-                         f"{rec['profile']}, {rec['device_type'].upper()} |")
+        r = headline(rec)
+        number = rec["chapter"][:2]
+        lines.append(table_row(f"[{number}](#ch-{number})", r["metric"], _fmt(r["ours"], r["unit"]), r["target"],
+                               met_text(rec, r), rec["profile"], _device(rec)))
     return "\n".join(lines)
 
 
@@ -86,12 +111,21 @@ def describe_data(data: dict) -> str:
 
 
 def book_page(records: list[dict]) -> str:
-    parts = [f"# Results\n\n{INTRO}\n## All chapters\n\n{compact(records)}\n"]
+    """The website's results page: the one-screen summary, how runs are judged, then every row of every
+    chapter, each chapter's table folded under its heading."""
+    parts = ["# Results\n\nOne row per chapter: its headline number, its target, and the run that made it "
+             "(profile and device). Every row of every chapter follows [below](#all-rows).\n\n"
+             f":::{{table}}\n:class: groundup-summary\n{overview(records)}\n:::\n\n"
+             f"## How the runs are judged\n\n{INTRO}\n(all-rows)=\n## Every row, chapter by chapter\n"]
     for rec in records:
-        parts.append(f"\n## {rec['chapter']}: {rec['title']}\n\n{rows_markdown(rec)}\n")
-        parts.append(f"\nData: {describe_data(rec['data'])}.\n")
+        number = rec["chapter"][:2]
+        link = f"[chapter {number}](../notebooks/{rec['chapter']}.ipynb)"
+        body = f"{rows_markdown(rec)}\n\nData: {describe_data(rec['data'])}.\n"
         if rec.get("notes"):
-            parts.append(f"\n{rec['notes']}\n")
+            body += f"\n{rec['notes']}\n"
+        parts.append(f"\n(ch-{number})=\n### {number} · {rec['title']}\n\n"
+                     f"{len(rec['rows'])} rows from {link}, {rec['profile']} profile on {rec['device']}.\n\n"
+                     f"::::{{dropdown}} The {len(rec['rows'])} rows and the data\n{body}::::\n")
     return "".join(parts)
 
 
@@ -100,10 +134,42 @@ def outputs(root: Path = ROOT) -> dict[Path, str]:
     return {root / "results" / "README.md": readme(records), root / "book" / "results.md": book_page(records)}
 
 
+TABLE_HEAD = "| metric | ours | paper |"
+
+
+def redraw_notebook_tables(root: Path = ROOT) -> list[Path]:
+    """Redraw the results table in each chapter's committed outputs from its results JSON; return the
+    notebooks changed."""
+    changed = []
+    for rec in load(root):
+        path = root / "notebooks" / f"{rec['chapter']}.ipynb"
+        if not path.exists():
+            continue
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        if nb["metadata"].get("groundup", {}).get("profile") != rec["profile"]:
+            continue  # the JSON is not of the run whose outputs are committed
+        text = rows_markdown(rec)
+        touched = False
+        for c in nb["cells"]:
+            for out in c.get("outputs", []):
+                md = out.get("data", {}).get("text/markdown")
+                if md is not None and "".join(md).startswith(TABLE_HEAD) and "".join(md) != text:
+                    out["data"]["text/markdown"] = text.splitlines(keepends=True)
+                    touched = True
+        if touched:
+            path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            changed.append(path)
+    return changed
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--notebooks", action="store_true", help="redraw the chapters' committed results tables")
     args = parser.parse_args(argv)
+    if args.notebooks:
+        for path in redraw_notebook_tables():
+            print(f"redrew the results table in {path.relative_to(ROOT)}")
     stale = []
     for path, text in outputs().items():
         current = path.read_text() if path.exists() else None

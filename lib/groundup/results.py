@@ -68,9 +68,12 @@ class Row:
     metric: str
     ours: float | str
     paper: str = "—"   # the paper's figure, with its source and setting, e.g. "1.6% (Simard 2003, 60k images)"
-    target: str = "—"  # the book's target for the full profile (BOOK.md), e.g. ">= 98.0%"
+    target: str = "—"  # the book's target for this run's profile (BOOK.md: cpu or full), e.g. ">= 98.0%"
     met: bool | None = None  # whether ours meets the target; None where there is none
     unit: str = ""
+    any_profile: bool = False  # a check that holds in every profile (an equivalence, an exact round trip):
+    #                            judged in smoke runs too, where other targets are not
+    headline: bool = False  # the chapter's headline number: the row the results page's summary shows
 
 
 def _jsonable(obj):
@@ -125,12 +128,36 @@ def _fmt(value, unit: str = "") -> str:
     return f"{text}{unit}" if unit and text != "—" else text
 
 
+JUDGED_PROFILES = ("cpu", "full")  # profiles whose runs are judged against their targets (BOOK.md)
+
+
+def judged(record: dict, row: dict) -> bool:
+    """Whether ``row`` of ``record`` is judged against its target: every row of a cpu or full run, and in a
+    smoke run only the checks that hold in any profile (``Row.any_profile``)."""
+    return record["profile"] in JUDGED_PROFILES or bool(row.get("any_profile"))
+
+
+def met_text(record: dict, row: dict) -> str:
+    """The "met" cell: yes / no / — (no target), or "smoke run" for a target a smoke run is not judged on."""
+    if not judged(record, row):
+        return "smoke run"
+    return {True: "yes", False: "no", None: "—"}[row["met"]]
+
+
+def cell(value) -> str:
+    """Text for one Markdown table cell: a ``|`` would end the cell, a newline the row."""
+    return " ".join(str(value).split()).replace("\\|", "|").replace("|", "\\|")
+
+
+def table_row(*cells) -> str:
+    return "| " + " | ".join(cell(c) for c in cells) + " |"
+
+
 def rows_markdown(record: dict) -> str:
     """A chapter's results table in Markdown, with the run it came from under it."""
-    lines = ["| metric | ours | paper | target (full profile) | met |", "|---|---|---|---|---|"]
+    lines = ["| metric | ours | paper | target | met |", "|---|---|---|---|---|"]
     for r in record["rows"]:
-        met = {True: "yes", False: "no", None: "—"}[r["met"]] if record["profile"] == "full" else "smoke run"
-        lines.append(f"| {r['metric']} | {_fmt(r['ours'], r['unit'])} | {r['paper']} | {r['target']} | {met} |")
+        lines.append(table_row(r["metric"], _fmt(r["ours"], r["unit"]), r["paper"], r["target"], met_text(record, r)))
     lines.append("")
     lines.append(f"*{record['profile']} profile on {record['device']}, torch {record['torch']}, "
                  f"wall time {record['wall_time_s']:.1f} s, {record['date'][:10]}, "
