@@ -120,3 +120,32 @@ def test_carry_state_refuses_a_checkpoint_inside_an_epoch(tmp_path):
               lr_at=lambda s: 0.1, carry_state=True, reset_state_every=3, eval_every=2,
               checkpoint=tmp_path / "x.safetensors")
     assert math.isfinite(0.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_no_host_synchronization_between_evaluations(monkeypatch):
+    """On a GPU, the steps between two evaluations never wait for the device: CUDA's sync debug mode turns any
+    synchronization (an .item(), a host-to-device index copy, ...) into an error from step 1 (after the first
+    step's lazy initialization) until the loop's own flush, which calls groundup.runtime.sync first."""
+    import groundup.train as loop
+    real_sync = loop.sync
+
+    def sync_allowed(device):
+        torch.cuda.set_sync_debug_mode(0)
+        real_sync(device)
+    monkeypatch.setattr(loop, "sync", sync_allowed)
+    torch.manual_seed(0)
+    model = GPT(TINY).cuda()
+    data = torch.randint(0, 23, (400,), device="cuda")
+
+    def lr_at(step):
+        if step == 1:
+            torch.cuda.set_sync_debug_mode("error")
+        return 1e-3
+    from groundup.gpt import make_optimizer
+    try:
+        h = train(model, lambda step: get_lm_batch(data, 12, 8, step, 0), steps=6, eval_every=6, grad_clip=1.0,
+                  precision="bf16", optimizer=make_optimizer(model, lr=1e-3, weight_decay=0.1), lr_at=lr_at)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(h["train"]) == 6
