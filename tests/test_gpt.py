@@ -451,6 +451,8 @@ def test_kv_cache_generation_equals_uncached(options):
         rest = [model(idx[:, t:t + 1], cache=cache)[0] for t in range(9, 12)]
         assert torch.allclose(torch.cat([first, chunk, *rest], dim=1), full, atol=1e-5)
         assert torch.allclose(model(idx, last_only=True)[0], full[:, -1:], atol=1e-6)
+        with pytest.raises(ValueError, match="last_only"):
+            model(idx, idx, last_only=True)
         with pytest.raises(ValueError, match="block_size"):
             model(idx[:, :1], cache=cache)
 

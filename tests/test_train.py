@@ -149,3 +149,33 @@ def test_no_host_synchronization_between_evaluations(monkeypatch):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert len(h["train"]) == 6
+
+
+def test_fp16_resumes_with_its_loss_scale(tmp_path, monkeypatch):
+    """An fp16 run killed and resumed ends where an uninterrupted one does: the GradScaler's state is in the
+    checkpoint's extra. The loss is multiplied by 1e4 so that the scaled float16 gradients overflow and the
+    scale backs off during the run: a resumed run with a fresh scaler would skip other steps and differ."""
+    import groundup.train as loop
+    from conftest import Crash, crashing_progress
+    data = torch.randint(0, 23, (400,), generator=torch.Generator().manual_seed(1))
+
+    def run(checkpoint=None):
+        torch.manual_seed(0)
+        model = GPT(TINY)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        h = train(model, lambda step: get_lm_batch(data, 12, 8, step, 0), steps=10, eval_every=4, precision="fp16",
+                  optimizer=opt, lr_at=lambda step: 1e-3, grad_clip=1.0, checkpoint=checkpoint,
+                  loss=lambda m, b, state: (m(*b)[1] * 1e4, None))
+        return model, h
+
+    straight, h1 = run()
+    ckpt = tmp_path / "fp16.safetensors"
+    monkeypatch.setattr(loop, "progress", crashing_progress(6))
+    with pytest.raises(Crash):
+        run(ckpt)
+    monkeypatch.undo()
+    resumed, h2 = run(ckpt)
+    assert any(not math.isfinite(n) for _, n in h1["grad_norm"])      # the scale did back off (skipped steps)
+    assert str(h1["train"]) == str(h2["train"]) and str(h1["grad_norm"]) == str(h2["grad_norm"])   # nan == nan
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

@@ -279,6 +279,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: "KVCache | None" = None,
                 last_only: bool = False):
         B, T = idx.shape
+        if last_only and targets is not None:
+            raise ValueError("last_only computes one position's logits; the loss needs all of them")
         past = 0 if cache is None else cache.length
         if past + T > self.config.block_size:
             raise ValueError(f"a sequence of {past + T} tokens is longer than block_size={self.config.block_size}: "

@@ -111,7 +111,7 @@ def train(model: nn.Module, batch, *, steps: int, optimizer: torch.optim.Optimiz
     if checkpoint is not None and Path(checkpoint).exists():
         start, extra = load_checkpoint(checkpoint, model, optimizer)
         history = {k: [tuple(p) for p in v] if isinstance(v, list) else v for k, v in extra["history"].items()}
-        if scaler is not None:
+        if scaler is not None and extra.get("scaler"):              # fp16 resumed: the loss scale too
             scaler.load_state_dict(extra["scaler"])
     fwd = torch.compile(model) if compile and device.type == "cuda" else model
     params = [p for p in model.parameters() if p.requires_grad]
