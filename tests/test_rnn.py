@@ -280,3 +280,14 @@ def test_train_char_rnn_resumes_exactly(tmp_path, monkeypatch):
     assert [s for s, _ in h1["train_seconds"]] == [s for s, _ in h2["train_seconds"]]
     assert h2["train_seconds"][-1][1] >= h2["train_seconds"][0][1] > 0                  # time carried over the crash
     assert len(h2["train"]) == 3 * steps and len(h2["val"]) == 3
+
+
+def test_get_batch_makes_its_indices_on_the_data_device():
+    """No index tensor is built on the host and copied per step (on a GPU that copy synchronizes): the
+    operators show no aten::to / _to_copy / copy_ (on the CPU a copy would be a silent no-op)."""
+    from torch.profiler import ProfilerActivity, profile
+    data = torch.arange(1000)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        get_batch(data, 7, 4, 30, seed=5)
+    names = {e.key for e in prof.key_averages()}
+    assert not names & {"aten::to", "aten::_to_copy", "aten::copy_", "aten::item", "aten::_local_scalar_dense"}, names

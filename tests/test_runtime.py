@@ -270,3 +270,9 @@ def test_plot_curves_accepts_pairs_and_values():
     assert list(lines[1].get_xdata()) == [0, 1, 2]
     assert ax.get_yscale() == "log"
     plt.close(ax.figure)
+
+
+def test_batch_indices_on_a_device_equal_the_cpu_ones_on_the_cpu():
+    """batch_indices(device=...) draws the permutation there (no host copy); on the CPU it is the same batch."""
+    assert torch.equal(batch_indices(50, 8, 9, 3, device="cpu"), batch_indices(50, 8, 9, 3))
+    assert batch_indices(50, 8, 9, 3, device=torch.device("cpu")).device.type == "cpu"
