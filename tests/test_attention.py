@@ -1,5 +1,6 @@
 """Tests of the code chapter 05 exports (lib/groundup/attention.py)."""
 
+import functools
 import math
 
 import pytest
@@ -11,7 +12,10 @@ import torch.nn.functional as F
 
 from groundup.attention import (AttentionOnlyLM, MultiHeadAttention, additive_mask, benchmark_attention, causal_mask,
                                 evaluate_copy, make_copy_data, padding_mask, profile_call,
-                                scaled_dot_product_attention, train_copy_model)
+                                next_token_loss, scaled_dot_product_attention)
+from groundup.basics import Adam
+from groundup.runtime import batch_indices
+from groundup.train import train, warmup_cosine_lr
 
 
 def _qkv(T, S, dtype, seed=0, B=2, H=3, d=16):
@@ -187,9 +191,16 @@ def test_causal_model_cannot_see_the_future():
         assert not torch.allclose(model(a, causal=False)[0, :6], model(b, causal=False)[0, :6])
 
 
+def train_copy_model(model, data, *, steps, batch_size, lr, seed, causal=True, checkpoint=None, save_every=100):
+    """Chapter 05's run: the book's loop configured as the notebook configures it."""
+    return train(model, lambda step: (data[batch_indices(len(data), batch_size, step, seed)],), steps=steps,
+                 optimizer=Adam(model.parameters(), lr=lr), lr_at=lambda step: warmup_cosine_lr(step, steps=steps, lr=lr),
+                 loss=functools.partial(next_token_loss, causal=causal), eval_every=save_every, checkpoint=checkpoint)
+
+
 def test_train_copy_model_resumes_exactly(tmp_path, monkeypatch):
     """A run killed between checkpoints and resumed ends exactly where an uninterrupted one does."""
-    import groundup.attention as attention
+    import groundup.train as loop
 
     data = make_copy_data(256, 4, 6, seed=0)
     kw = dict(steps=12, batch_size=32, lr=3e-3, seed=0, save_every=5)
@@ -199,7 +210,7 @@ def test_train_copy_model_resumes_exactly(tmp_path, monkeypatch):
     h1 = train_copy_model(straight, data, **kw)
 
     ckpt = tmp_path / "copy.safetensors"
-    monkeypatch.setattr(attention, "progress", crashing_progress(8))
+    monkeypatch.setattr(loop, "progress", crashing_progress(8))
     torch.manual_seed(0)
     with pytest.raises(Crash):
         train_copy_model(AttentionOnlyLM(7, 8, 16, 2, 1), data, **kw, checkpoint=ckpt)
@@ -209,5 +220,5 @@ def test_train_copy_model_resumes_exactly(tmp_path, monkeypatch):
     h2 = train_copy_model(resumed, data, **kw, checkpoint=ckpt)
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
-    assert h1 == h2 and len(h2) == 12
-    assert h1[-1][1] < h1[0][1]
+    assert h1["train"] == h2["train"] and h1["grad_norm"] == h2["grad_norm"] and len(h2["train"]) == 12
+    assert h1["train"][-1][1] < h1["train"][0][1]

@@ -7,11 +7,27 @@ import torch
 import torch.nn as nn
 
 from conftest import Crash, crashing_progress
-from groundup.gpt import GPT, GPTConfig
-from groundup.gpt_small import (bits_per_char, count_gpt_params, gpt2_init_, matmul_params, mfu, model_flops_per_token,
-                                peak_flops, residual_stream_std, train_gpt_small, warmup_cosine_lr,
-                                weight_decay_groups)
+from dataclasses import replace
+
+from groundup.bpe import bits_per_char
+from groundup.gpt import GPT, GPTConfig, get_lm_batch, init_weights_, make_optimizer, weight_decay_groups
+from groundup.gpt_small import count_gpt_params, matmul_params, mfu, model_flops_per_token, peak_flops, residual_stream_std
 from groundup.rnn import clip_grad_norm
+from groundup.train import evaluate, train, warmup_cosine_lr
+
+
+def train_gpt_small(model, train_data, val_data, *, steps, batch_size, max_lr, min_lr, warmup, weight_decay=0.1,
+                    betas=(0.9, 0.95), grad_clip=1.0, grad_accum=1, eval_every=100, eval_batches=20, seed=0,
+                    checkpoint=None, timing_skip=5):
+    """Chapter 09's run: the book's loop configured as the notebook configures it."""
+    T = model.config.block_size
+    windows = [get_lm_batch(val_data, T, batch_size, i, seed) for i in range(eval_batches)]
+    return train(model, lambda i: get_lm_batch(train_data, T, batch_size, i, seed), steps=steps,
+                 optimizer=make_optimizer(model, lr=max_lr, weight_decay=weight_decay, betas=betas,
+                                          decay_embeddings=False),
+                 lr_at=lambda t: warmup_cosine_lr(t, steps=steps, lr=max_lr, min_lr=min_lr, warmup=warmup),
+                 evaluate=lambda m: evaluate(m, windows), eval_every=eval_every, grad_clip=grad_clip,
+                 grad_accum=grad_accum, checkpoint=checkpoint, timing_skip=timing_skip)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
@@ -35,15 +51,16 @@ def test_init_matches_hf_gpt2_and_scales_residual_projections():
     model = GPT(GPTConfig(vocab_size=300, block_size=128, n_layer=4, n_head=4, n_embd=128))
     with torch.no_grad():
         for p in model.parameters():
-            p.fill_(3.0)                                          # gpt2_init_ must overwrite everything
-    gpt2_init_(model, generator=torch.Generator().manual_seed(1))
+            p.fill_(3.0)                                          # init_weights_ must overwrite everything
+    torch.manual_seed(1)
+    init_weights_(model, "gpt2")
     for name, p in model.named_parameters():
         if p.dim() == 2:
             assert abs(p.std().item() / hf[name].std().item() - 1) < 0.05, name
         else:
             assert torch.equal(p, hf[name]), name
     assert abs(model.transformer.h[2].mlp.c_proj.weight.std().item() - 0.02 / math.sqrt(8)) < 3e-4
-    gpt2_init_(model, residual_scaling=False)
+    init_weights_(model, "gpt2_unscaled")
     assert abs(model.transformer.h[2].mlp.c_proj.weight.std().item() - 0.02) < 5e-4
 
 
@@ -52,8 +69,8 @@ def test_residual_stream_grows_with_depth_only_without_scaling():
     idx = torch.randint(0, 50, (8, 32), generator=torch.Generator().manual_seed(0))
     added = {}
     for scaled in (True, False):
-        stds = residual_stream_std(gpt2_init_(GPT(cfg), residual_scaling=scaled,
-                                              generator=torch.Generator().manual_seed(2)), idx)
+        torch.manual_seed(2)
+        stds = residual_stream_std(GPT(replace(cfg, init="gpt2" if scaled else "gpt2_unscaled")), idx)
         assert len(stds) == 17
         added[scaled] = stds[-1] ** 2 - stds[0] ** 2
     assert 16 < added[False] / added[True] < 64                  # eq. (5): about 2L = 32
@@ -61,7 +78,7 @@ def test_residual_stream_grows_with_depth_only_without_scaling():
 
 def test_weight_decay_groups_partition_and_tied_embedding():
     model = GPT(tiny())
-    decay, no_decay = weight_decay_groups(model, 0.1)
+    decay, no_decay = weight_decay_groups(model, 0.1, decay_embeddings=False)
     ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
@@ -72,7 +89,8 @@ def test_weight_decay_groups_partition_and_tied_embedding():
     assert {"transformer.wte.weight", "transformer.wpe.weight"} <= set(decay_e["names"])
     # AdamW with these groups leaves a zero-gradient LayerNorm gain at 1 but decays a zero-gradient matrix
     lin, ln = nn.Linear(4, 4), nn.LayerNorm(4)
-    groups = [{k: v for k, v in g.items() if k != "names"} for g in weight_decay_groups(nn.Sequential(lin, ln), 0.5)]
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in weight_decay_groups(nn.Sequential(lin, ln), 0.5,
+                                                                                          decay_embeddings=False)]
     opt = torch.optim.AdamW(groups, lr=0.1)
     before = lin.weight.detach().clone()
     for p in (*lin.parameters(), *ln.parameters()):
@@ -96,19 +114,19 @@ def test_clip_grad_norm_on_gpt_matches_torch():
 
 
 def test_warmup_cosine_values_and_torch_schedulers():
-    kw = dict(max_lr=1.0, min_lr=0.1, warmup=10, total=110)
+    kw = dict(lr=1.0, min_lr=0.1, warmup=10, steps=110)
     assert warmup_cosine_lr(0, **kw) == pytest.approx(0.1)
     assert warmup_cosine_lr(9, **kw) == pytest.approx(1.0)
     assert warmup_cosine_lr(10, **kw) == pytest.approx(1.0)
     assert warmup_cosine_lr(60, **kw) == pytest.approx(0.55)
     assert warmup_cosine_lr(110, **kw) == pytest.approx(0.1)
-    assert warmup_cosine_lr(0, max_lr=1.0, min_lr=0.0, warmup=0, total=10) == 1.0       # no warmup
+    assert warmup_cosine_lr(0, lr=1.0, min_lr=0.0, warmup=0, steps=10) == 1.0       # no warmup
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=3e-3)
     sched = torch.optim.lr_scheduler.SequentialLR(opt, [
         torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / 7, end_factor=1.0, total_iters=6),
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50 - 7, eta_min=3e-4)], milestones=[7])
     for t in range(50):
-        assert abs(opt.param_groups[0]["lr"] - warmup_cosine_lr(t, max_lr=3e-3, min_lr=3e-4, warmup=7, total=50)) < 1e-12
+        assert abs(opt.param_groups[0]["lr"] - warmup_cosine_lr(t, lr=3e-3, min_lr=3e-4, warmup=7, steps=50)) < 1e-12
         opt.step()
         sched.step()
 
@@ -151,7 +169,7 @@ def test_training_reduces_loss_and_records_history():
 
 def test_train_gpt_small_resumes_exactly(tmp_path, monkeypatch):
     """Killed between checkpoints and resumed: same weights and history as an uninterrupted run, dropout included."""
-    import groundup.gpt_small as gs
+    import groundup.train as loop
     train, val = _data()
     kw = dict(steps=12, batch_size=4, max_lr=3e-3, min_lr=3e-4, warmup=3, grad_accum=2, eval_every=4,
               eval_batches=2, seed=3, timing_skip=1)
@@ -160,7 +178,7 @@ def test_train_gpt_small_resumes_exactly(tmp_path, monkeypatch):
     h1 = train_gpt_small(straight, train, val, **kw)
 
     ckpt = tmp_path / "gpt_small.safetensors"
-    monkeypatch.setattr(gs, "progress", crashing_progress(10))
+    monkeypatch.setattr(loop, "progress", crashing_progress(10))
     torch.manual_seed(0)
     with pytest.raises(Crash):
         train_gpt_small(GPT(tiny(dropout=0.2)), train, val, **kw, checkpoint=ckpt)

@@ -8,9 +8,29 @@ import torch
 from conftest import Crash, crashing_progress
 import torch.nn as nn
 
+from groundup.basics import Adam
 from groundup.rnn import (CharRNN, Recurrent, build_vocab, clip_grad_norm, compare_with_torch, decode, detach_state,
-                          encode, evaluate_nats, get_batch, gru_cell, lstm_cell, rnn_cell, sample,
-                          state_jacobian_norms, tbptt_steps, train_char_rnn)
+                          encode, get_batch, gru_cell, lstm_cell, recurrent_loss, rnn_cell, sample,
+                          state_jacobian_norms, stream_batches, tbptt_steps)
+from groundup.train import evaluate, train, warmup_cosine_lr
+
+
+def evaluate_nats(model, data, block, streams=64):
+    """Chapter 04's validation: the whole text as streams, state carried (the book's evaluate, configured)."""
+    return evaluate(model, stream_batches(data, block, streams), loss=recurrent_loss, carry_state=True)
+
+
+def train_char_rnn(model, train_data, val_data, *, epochs, block, batch_size, lr, warmup, clip, seed,
+                   eval_every=1, checkpoint=None):
+    """Chapter 04's run: the book's loop with truncated BPTT (carry_state), as the notebook configures it."""
+    steps_per_epoch = tbptt_steps(len(train_data), block, batch_size)
+    total = epochs * steps_per_epoch
+    return train(model, lambda step: get_batch(train_data, block, batch_size, step, seed), steps=total,
+                 optimizer=Adam(model.parameters(), lr=lr),
+                 lr_at=lambda step: warmup_cosine_lr(step, steps=total, lr=lr, warmup=warmup),
+                 loss=recurrent_loss, carry_state=True, reset_state_every=steps_per_epoch,
+                 evaluate=lambda m: evaluate_nats(m, val_data, block), eval_every=eval_every * steps_per_epoch,
+                 grad_clip=clip, checkpoint=checkpoint, desc="char LSTM")
 
 
 @pytest.fixture(autouse=True)
@@ -225,14 +245,14 @@ def test_training_reduces_loss():
     model = CharRNN(len(vocab), emb=8, hidden=16, layers=1)
     before = evaluate_nats(model, data, block=16, streams=4)
     h = train_char_rnn(model, data, data, epochs=6, block=8, batch_size=8, lr=1e-2, warmup=5, clip=1.0, seed=0)
-    assert h["val_loss"][-1][1] < 0.5 * before
-    assert len(h["grad_norm"]) == len(h["train_loss"]) == 6 * tbptt_steps(len(data), 8, 8)
+    assert h["val"][-1][1] < 0.5 * before
+    assert len(h["grad_norm"]) == len(h["train"]) == 6 * tbptt_steps(len(data), 8, 8)
 
 
 def test_train_char_rnn_resumes_exactly(tmp_path, monkeypatch):
     """A run killed mid-epoch and resumed from its last checkpoint (an epoch boundary, where the carried
     state is reset) ends exactly where an uninterrupted one does, dropout randomness included."""
-    import groundup.rnn as rnn
+    import groundup.train as loop
 
     g = torch.Generator().manual_seed(0)
     train = torch.randint(0, 11, (600,), generator=g)
@@ -245,7 +265,7 @@ def test_train_char_rnn_resumes_exactly(tmp_path, monkeypatch):
     h1 = train_char_rnn(straight, train, val, **kw)
 
     ckpt = tmp_path / "rnn.safetensors"
-    monkeypatch.setattr(rnn, "progress", crashing_progress(steps + 5))
+    monkeypatch.setattr(loop, "progress", crashing_progress(steps + 5))
     torch.manual_seed(0)
     with pytest.raises(Crash):
         train_char_rnn(CharRNN(11, emb=6, hidden=10, layers=2, dropout=0.3), train, val, **kw, checkpoint=ckpt)
@@ -255,8 +275,19 @@ def test_train_char_rnn_resumes_exactly(tmp_path, monkeypatch):
     h2 = train_char_rnn(resumed, train, val, **kw, checkpoint=ckpt)
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
-    for key in ("train_loss", "grad_norm", "val_loss"):
+    for key in ("train", "grad_norm", "val", "lr"):
         assert h1[key] == h2[key], key
     assert [s for s, _ in h1["train_seconds"]] == [s for s, _ in h2["train_seconds"]]
     assert h2["train_seconds"][-1][1] >= h2["train_seconds"][0][1] > 0                  # time carried over the crash
-    assert len(h2["train_loss"]) == 3 * steps and len(h2["val_loss"]) == 3
+    assert len(h2["train"]) == 3 * steps and len(h2["val"]) == 3
+
+
+def test_get_batch_makes_its_indices_on_the_data_device():
+    """No index tensor is built on the host and copied per step (on a GPU that copy synchronizes): the
+    operators show no aten::to / _to_copy / copy_ (on the CPU a copy would be a silent no-op)."""
+    from torch.profiler import ProfilerActivity, profile
+    data = torch.arange(1000)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        get_batch(data, 7, 4, 30, seed=5)
+    names = {e.key for e in prof.key_averages()}
+    assert not names & {"aten::to", "aten::_to_copy", "aten::copy_", "aten::item", "aten::_local_scalar_dense"}, names

@@ -285,3 +285,9 @@ def test_run_tag_hashes_the_whole_config():
     assert tag != runtime.run_tag(Cfg(lr=2e-3))                  # any field changes the tag
     assert tag != runtime.run_tag(Cfg(), n_train=100)            # and so does anything else passed
     assert runtime.run_tag({"steps": 10, "lr": 1e-3}) == tag     # a dict of the same fields: the same run
+
+
+def test_batch_indices_on_a_device_equal_the_cpu_ones_on_the_cpu():
+    """batch_indices(device=...) draws the permutation there (no host copy); on the CPU it is the same batch."""
+    assert torch.equal(batch_indices(50, 8, 9, 3, device="cpu"), batch_indices(50, 8, 9, 3))
+    assert batch_indices(50, 8, 9, 3, device=torch.device("cpu")).device.type == "cpu"

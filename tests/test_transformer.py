@@ -12,7 +12,10 @@ from groundup.attention import padding_mask
 from groundup.transformer import (BOS, EOS, FIRST_DIGIT, PAD, DecoderLayer, EncoderClassifier, EncoderLayer, FeedForward,
                                   Transformer, TransformerConfig, beam_search, exact_match, greedy_search,
                                   label_smoothed_cross_entropy, make_seq2seq_data, noam_lr, sinusoidal_positions,
-                                  smoothed_targets, torch_layer_state, train_steps, transformer_log_probs)
+                                  index_loss, paper_adam, smoothed_targets, torch_layer_state,
+                                  transformer_log_probs)
+from groundup.runtime import batch_indices
+from groundup.train import train
 
 
 def test_sinusoidal_positions_rotation_and_norm():
@@ -200,9 +203,16 @@ def test_encoder_classifier_without_positions_ignores_order():
         assert torch.allclose(with_pe(x, keep), with_pe(junk, keep), atol=1e-5)
 
 
+def train_steps(model, batch_loss, n_examples, *, steps, batch_size, lr_at, seed, checkpoint=None, save_every=100):
+    """Chapter 06's runs: the book's loop configured as the notebook configures it."""
+    return train(model, lambda s: (batch_indices(n_examples, batch_size, s, seed),), steps=steps,
+                 optimizer=paper_adam(model, lr_at(0)), lr_at=lr_at, loss=index_loss(batch_loss),
+                 eval_every=save_every, checkpoint=checkpoint)["train"]
+
+
 def test_train_steps_resumes_exactly(tmp_path, monkeypatch):
     """A run killed between checkpoints and resumed ends exactly where an uninterrupted one does (dropout on)."""
-    import groundup.transformer as transformer
+    import groundup.train as loop
 
     src, tgt = make_seq2seq_data(128, 1, 4, seed=0)
     cfg = TransformerConfig(src_vocab=13, tgt_vocab=13, d_model=16, n_heads=2, n_enc_layers=1, n_dec_layers=1, d_ff=32,
@@ -218,7 +228,7 @@ def test_train_steps_resumes_exactly(tmp_path, monkeypatch):
     h1 = train_steps(straight, loss, 128, **kw)
 
     ckpt = tmp_path / "s2s.safetensors"
-    monkeypatch.setattr(transformer, "progress", crashing_progress(8))
+    monkeypatch.setattr(loop, "progress", crashing_progress(8))
     torch.manual_seed(0)
     with pytest.raises(Crash):
         train_steps(Transformer(cfg), loss, 128, **kw, checkpoint=ckpt)

@@ -14,10 +14,8 @@ import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from groundup.basics import Adam, cross_entropy
-from groundup.checkpoint import load_checkpoint, save_checkpoint
-from groundup.mlp import cosine_lr
-from groundup.runtime import autocast, batch_indices, progress
+from groundup.basics import cross_entropy
+from groundup.runtime import autocast, sync
 
 
 # %% notebooks/05_attention.ipynb, cell 16
@@ -135,11 +133,6 @@ class MultiHeadAttention(nn.Module):
 
 
 # %% notebooks/05_attention.ipynb, cell 46
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def profile_call(fn, device) -> tuple[int | None, str]:
     """Run ``fn()`` once; return the peak memory it allocated beyond what was allocated before (bytes),
     and the name of the fused attention kernel it ran (``"—"`` if none).
@@ -149,13 +142,13 @@ def profile_call(fn, device) -> tuple[int | None, str]:
     """
     device = torch.device(device)
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")                      # keep the profiler's C++ log lines quiet
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=device.type == "cpu") as prof:
         fn()
-        _sync(device)
+        sync(device)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
     elif device.type == "cpu" and hasattr(prof.profiler, "kineto_results"):
@@ -192,10 +185,10 @@ def benchmark_attention(attend, *, batch: int, heads: int, seq_len: int, head_di
         step()                                                           # warm-up: allocator, kernel choice
         times = []
         for _ in range(repeats):
-            _sync(device)
+            sync(device)
             t = time.perf_counter()
             step()
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - t)
         q.grad = k.grad = v.grad = None
         peak, kernel = profile_call(step, device)
@@ -242,32 +235,12 @@ def make_copy_data(n_seq: int, n_copy: int, vocab: int, seed: int) -> torch.Tens
 
 
 # %% notebooks/05_attention.ipynb, cell 54
-def train_copy_model(model: nn.Module, data: torch.Tensor, *, steps: int, batch_size: int, lr: float, seed: int,
-                     causal: bool = True, checkpoint=None, save_every: int = 100, device="cpu") -> list:
-    """Next-token cross-entropy at every position of the copy sequences, with chapter 01's Adam and chapter
-    02's cosine schedule; resumes from ``checkpoint`` if it exists. Returns [(step, training loss), ...]."""
-    model.to(device)
-    opt = Adam(model.parameters(), lr=lr)
-    start, history = 0, []
-    if checkpoint is not None and checkpoint.exists():
-        start, extra = load_checkpoint(checkpoint, model, opt)
-        history = [tuple(h) for h in extra["history"]]
-    data = data.to(device)
-    bar = progress(range(start, steps), desc=f"copy task ({'causal' if causal else 'no mask'})", initial=start, total=steps)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr)
-        batch = data[batch_indices(len(data), batch_size, step, seed).to(device)]
-        with autocast(device):
-            logits = model(batch[:, :-1], causal=causal)                 # position t predicts token t + 1
-        loss = cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history.append((step, loss.item()))
-        if checkpoint is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
-            save_checkpoint(checkpoint, model, opt, step=step + 1, extra={"history": history})
-    return history
+def next_token_loss(model: nn.Module, batch, state=None, *, causal: bool = True):
+    """The training loop's loss for the copy task: next-token cross-entropy at every position of the
+    sequences ``batch = (seq,)``, position t predicting token t + 1. No state: returns (loss, None)."""
+    (seq,) = batch
+    logits = model(seq[:, :-1], causal=causal)
+    return cross_entropy(logits.float().flatten(0, 1), seq[:, 1:].flatten()), None
 
 
 @torch.no_grad()

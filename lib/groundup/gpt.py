@@ -4,19 +4,14 @@
 
 # %% notebooks/07_gpt_mini.ipynb, cell 3
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from groundup.attention import scaled_dot_product_attention
-from groundup.checkpoint import load_checkpoint, save_checkpoint
-from groundup.mlp import cosine_lr
-from groundup.rnn import build_vocab, clip_grad_norm, encode
-from groundup.runtime import autocast, progress
+from groundup.rnn import build_vocab, encode
 
 
 # %% notebooks/07_gpt_mini.ipynb, cell 6
@@ -40,139 +35,268 @@ def char_dataset(text: str, val_fraction: float = 0.1) -> tuple[torch.Tensor, to
 def get_lm_batch(data: torch.Tensor, block_size: int, batch_size: int, step: int, seed: int):
     """Inputs x and targets y, both (batch_size, block_size), for training step ``step``: windows of the 1-D
     token tensor ``data`` at random starts, y = x shifted left by one token (y[b, t] = data[start_b + t + 1]).
-    The starts depend only on (step, seed), so a resumed run sees exactly the batches of an uninterrupted one."""
+    The starts depend only on (step, seed), so a resumed run sees exactly the batches of an uninterrupted one.
+    They are drawn on the data's device (a generator there): no index tensor is copied from the host per step
+    (a GPU draws other numbers than the CPU for the same seed)."""
     n_starts = len(data) - block_size                     # a window needs block_size + 1 tokens
     if n_starts < 1:
         raise ValueError(f"{len(data)} tokens are too few for windows of block_size={block_size} (+1 target)")
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = torch.randint(n_starts, (batch_size,), generator=g)           # (B,)
-    idx = starts[:, None] + torch.arange(block_size + 1)                    # (B, T + 1)
-    chunk = data[idx.to(data.device)]
+    g = torch.Generator(device=data.device).manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(n_starts, (batch_size,), generator=g, device=data.device)     # (B,)
+    idx = starts[:, None] + torch.arange(block_size + 1, device=data.device)             # (B, T + 1)
+    chunk = data[idx]
     return chunk[:, :-1], chunk[:, 1:]
 
 
 # %% notebooks/07_gpt_mini.ipynb, cell 14
 @dataclass
 class GPTConfig:
-    """The shape of a GPT. Field names are Hugging Face's GPT2Config's where they exist
-    (vocab_size, n_layer, n_head, n_embd); block_size is GPT2Config's n_positions."""
+    """The shape of a GPT, and its variants. Field names are Hugging Face's GPT2Config's where they exist
+    (vocab_size, n_layer, n_head, n_embd); block_size is GPT2Config's n_positions. The defaults are GPT-2's
+    architecture; the options after ``sdpa`` are the switches of chapters 10-13 (GPT-2 is their default)."""
     vocab_size: int = 65
     block_size: int = 256       # the longest context, T_max: the number of learned position embeddings
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
-    dropout: float = 0.0
+    dropout: float = 0.0        # every dropout below that is None
     bias: bool = True           # biases in the linear layers and LayerNorms (GPT-2 has them)
     sdpa: bool = True           # attention through F.scaled_dot_product_attention; False: chapter 05's eq. (2)
+    norm: str = "layernorm"     # "layernorm" (eq. 5), "rmsnorm" (no centring, no shift) or "none"
+    norm_position: str = "pre"  # "pre": x + f(LN(x)), eq. (8); "post": LN(x + f(x)), the original transformer
+    residual: bool = True       # False: x <- f(LN(x)), no skip connections
+    init: str = "gpt2"          # "gpt2", "gpt2_unscaled" (no 1/sqrt(2L)), "pytorch" (nn defaults), "unit" (bad)
+    init_std: float = 0.02      # the sigma of the "gpt2" schemes
+    pos_encoding: str = "learned"   # "learned" (wpe, eq. 9) or "rope" (rotary, applied to q and k)
+    rope_theta: float = 10000.0
+    mlp: str = "gelu"           # "gelu" (eq. 7, width 4E) or "swiglu" (width 8E/3 rounded up to a multiple of 8)
+    embd_dropout: float | None = None   # after the embeddings (GPT2Config's embd_pdrop)
+    attn_dropout: float | None = None   # on the attention weights (attn_pdrop)
+    resid_dropout: float | None = None  # on each branch's output (resid_pdrop)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        choices = {"norm": ("layernorm", "rmsnorm", "none"), "norm_position": ("pre", "post"),
+                   "init": ("gpt2", "gpt2_unscaled", "pytorch", "unit"), "pos_encoding": ("learned", "rope"),
+                   "mlp": ("gelu", "swiglu")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
+        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("rope needs an even head dimension n_embd // n_head")
+
+    def p(self, kind: str) -> float:
+        """The dropout probability of ``kind`` ("embd", "attn", "resid"): its own field, else ``dropout``."""
+        value = getattr(self, f"{kind}_dropout")
+        return self.dropout if value is None else value
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The MLP's inner width: 4E for GELU; for SwiGLU 2/3 of that (its three matrices then hold as many
+        parameters as GELU's two), rounded up to a multiple of 8."""
+        return 4 * self.n_embd if self.mlp == "gelu" else 8 * math.ceil(8 * self.n_embd / 3 / 8)
 
 
-# %% notebooks/07_gpt_mini.ipynb, cell 15
+# %% notebooks/07_gpt_mini.ipynb, cell 16
+def rope_cos_sin(T: int, head_dim: int, *, theta: float = 10000.0, offset: int = 0, device=None,
+                 dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, head_dim) of rotary position embeddings for positions offset .. offset + T - 1:
+    angle m * theta^(-2i/d) for frequency i, in the half-split layout of Llama (Hugging Face's
+    LlamaRotaryEmbedding): the d/2 angles, then the same d/2 again."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    positions = torch.arange(offset, offset + T, device=device, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq)                                  # (T, d/2)
+    emb = torch.cat([angles, angles], dim=-1)                                 # (T, d)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_i, x_{i + d/2}) of x (..., T, d) by its position's angle: x cos + rotate_half(x) sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# %% notebooks/07_gpt_mini.ipynb, cell 17
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with GPT-2's parameter layout: ``c_attn`` maps x to [q | k | v] in one
-    product (W^Q, W^K, W^V side by side), ``c_proj`` is W^O. Eqs. (3)-(4)."""
+    product (W^Q, W^K, W^V side by side), ``c_proj`` is W^O. Eqs. (3)-(4). With ``rope`` = (cos, sin) the
+    queries and keys are rotated (section 5); with ``cache`` (a KVCache) the keys and values of earlier
+    positions come from it and the new ones are appended (section 7)."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
-        self.n_head, self.n_embd, self.dropout, self.sdpa = config.n_head, config.n_embd, config.dropout, config.sdpa
+        self.n_head, self.n_embd, self.sdpa, self.layer_idx = config.n_head, config.n_embd, config.sdpa, layer_idx
+        self.dropout = config.p("attn")
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = nn.Dropout(config.dropout)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = nn.Dropout(self.dropout)
+        self.resid_dropout = nn.Dropout(config.p("resid"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None, cache: "KVCache | None" = None) -> torch.Tensor:
         B, T, E = x.shape
         q, k, v = self.c_attn(x).split(E, dim=2)                               # eq. (3): x W^Q, x W^K, x W^V
         q, k, v = (t.view(B, T, self.n_head, E // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, d)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
+        if cache is not None:
+            past = cache.seen(self.layer_idx)
+            k, v = cache.update(self.layer_idx, k, v)                          # (B, H, past + T, d)
+        # the mask: causal from the top left without a past; one new query sees every key; else bottom right
+        is_causal, mask = past == 0, None
+        if past and T > 1:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         if self.sdpa:                                                          # fused kernel (FlashAttention on a GPU)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:                                                                  # chapter 05's eq. (2), causal mask
-            y, weights = scaled_dot_product_attention(q, k, v, is_causal=True)
+            y, weights = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
             if self.training and self.dropout > 0:
                 y = self.attn_dropout(weights) @ v
         y = y.transpose(1, 2).reshape(B, T, E)                                 # Concat(head_1, ..., head_H)
         return self.resid_dropout(self.c_proj(y))                             # eq. (4): ... W^O
 
 
-# %% notebooks/07_gpt_mini.ipynb, cell 21
+# %% notebooks/07_gpt_mini.ipynb, cell 23
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GELU, tanh approximation, eq. (6): what GPT-2 (and Hugging Face's "gelu_new") uses."""
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
 class MLP(nn.Module):
-    """The position-wise feed-forward network, eq. (7): c_proj(GELU(c_fc(x))), hidden width 4 n_embd."""
+    """The position-wise feed-forward network, eq. (7): c_proj(GELU(c_fc(x))), hidden width 4 n_embd.
+    With config.mlp = "swiglu": c_fc gives [a | b] and the hidden vector is SiLU(a) * b (Shazeer 2020)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.swiglu = config.mlp == "swiglu"
+        hidden = config.mlp_hidden
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.p("resid"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))   # F.gelu(tanh) = eq. (6), fused
+        h = self.c_fc(x)
+        if self.swiglu:
+            a, b = h.chunk(2, dim=-1)
+            h = F.silu(a) * b
+        else:
+            h = F.gelu(h, approximate="tanh")                                  # F.gelu(tanh) = eq. (6), fused
+        return self.dropout(self.c_proj(h))
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    """The normalization of config.norm: LayerNorm, eq. (5); RMSNorm (x / rms(x) times a gain); or none."""
+    if config.norm == "layernorm":
+        return nn.LayerNorm(config.n_embd, bias=config.bias)
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=1e-5)
+    return nn.Identity()
 
 
 class Block(nn.Module):
-    """One pre-LN transformer block, eq. (8): x + attn(LN(x)), then + mlp(LN(x))."""
+    """One transformer block. Pre-LN, eq. (8): x + attn(LN(x)), then + mlp(LN(x)); config.norm_position =
+    "post" normalizes after the addition, LN(x + attn(x)); config.residual = False drops the "x +"."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.pre, self.residual = config.norm_position == "pre", config.residual
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))                                       # eq. (8), first line
-        return x + self.mlp(self.ln_2(x))                                      # eq. (8), second line
+    def forward(self, x: torch.Tensor, rope=None, cache=None) -> torch.Tensor:
+        if self.pre:
+            a = self.attn(self.ln_1(x), rope, cache)
+            x = x + a if self.residual else a                                  # eq. (8), first line
+            m = self.mlp(self.ln_2(x))
+            return x + m if self.residual else m                               # eq. (8), second line
+        a = self.attn(x, rope, cache)
+        x = self.ln_1(x + a if self.residual else a)                          # post-LN
+        m = self.mlp(x)
+        return self.ln_2(x + m if self.residual else m)
 
 
-# %% notebooks/07_gpt_mini.ipynb, cell 24
+# %% notebooks/07_gpt_mini.ipynb, cell 26
+@torch.no_grad()
+def init_weights_(model: nn.Module, scheme: str = "gpt2", std: float = 0.02) -> nn.Module:
+    """Initialize a GPT in place. "gpt2": every Linear and Embedding weight N(0, std^2), biases 0, norms (1, 0),
+    then the residual projections (``*.c_proj.weight``) N(0, (std / sqrt(2 n_layer))^2) (chapter 09, eq. 5);
+    "gpt2_unscaled": without that last step; "pytorch": nn.Linear's and nn.Embedding's own defaults (what a
+    module gets when nobody initializes it); "unit": every weight N(0, 1), a deliberately bad scale."""
+    if scheme == "pytorch":
+        tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        for module in model.modules():                                         # the tied lm_head keeps wte's
+            if isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm)) and not (
+                    isinstance(module, nn.Linear) and id(module.weight) in tied):
+                module.reset_parameters()
+        return model
+    if scheme not in ("gpt2", "gpt2_unscaled", "unit"):
+        raise ValueError(f"unknown init scheme {scheme!r}")
+    sigma = 1.0 if scheme == "unit" else std
+
+    def init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=sigma)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            module.reset_parameters()                                          # gain 1, shift 0
+
+    model.apply(init)                                                          # children first, as nn.Module.apply
+    if scheme == "gpt2":
+        n_layer = len(model.transformer.h)
+        for name, p in model.named_parameters():                               # GPT-2: residual projections
+            if name.endswith("c_proj.weight"):                                 # scaled by 1/sqrt(2 n_layer)
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * n_layer))
+    return model
+
+
 class GPT(nn.Module):
     """A decoder-only transformer language model with the parameter names of Hugging Face's GPT2LMHeadModel.
 
     forward(idx (B, T), targets (B, T) or None) -> (logits (B, T, vocab_size), mean cross-entropy in nats per
-    token or None). The output layer ``lm_head`` shares its weight with the token embedding ``wte``."""
+    token or None). The output layer ``lm_head`` shares its weight with the token embedding ``wte``.
+    ``last_only=True`` computes the logits of the last position only (B, 1, V), which is all generation needs;
+    ``cache`` (a KVCache) feeds only new tokens and keeps the keys and values of the earlier ones."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),                # token embeddings
-            wpe=nn.Embedding(config.block_size, config.n_embd),                # learned position embeddings
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))             # token embeddings
+        if config.pos_encoding == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)          # learned positions
+        modules.update(drop=nn.Dropout(config.p("embd")),
+                       h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+                       ln_f=make_norm(config) if config.norm_position == "pre" else nn.Identity())
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight                      # tied embeddings, eq. (10)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():                                # GPT-2: residual projections
-            if name.endswith("c_proj.weight"):                                 # scaled by 1/sqrt(2 n_layer)
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        init_weights_(self, config.init, config.init_std)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        """GPT-2's initialization: N(0, 0.02^2) weights, zero biases (LayerNorm keeps 1 and 0)."""
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: "KVCache | None" = None,
+                last_only: bool = False):
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"a sequence of {T} tokens is longer than block_size={self.config.block_size}: "
+        if last_only and targets is not None:
+            raise ValueError("last_only computes one position's logits; the loss needs all of them")
+        past = 0 if cache is None else cache.length
+        if past + T > self.config.block_size:
+            raise ValueError(f"a sequence of {past + T} tokens is longer than block_size={self.config.block_size}: "
                              "crop the context to its last block_size tokens (generate does) or use a larger block_size")
-        pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))   # eq. (9): (B, T, E)
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.pos_encoding == "learned":
+            x = x + self.transformer.wpe(torch.arange(past, past + T, device=idx.device))   # eq. (9): (B, T, E)
+        else:
+            rope = rope_cos_sin(T, self.config.n_embd // self.config.n_head, theta=self.config.rope_theta,
+                                offset=past, device=idx.device, dtype=x.dtype)
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, rope, cache)
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))                        # eq. (10): (B, T, V)
         loss = None
         if targets is not None:                                               # eq. (11), in float32 under autocast
@@ -180,13 +304,41 @@ class GPT(nn.Module):
         return logits, loss
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameters, the tied embedding counted once; without the position embeddings if non_embedding
-        (the token embedding stays: it is also the output layer)."""
+        """Parameters, the tied embedding counted once. non_embedding: Kaplan et al.'s N, without the token
+        and position embeddings (the tied output layer goes with the token embedding)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+        return n
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Append ``max_new_tokens`` tokens to each row of ``idx`` (B, T), each drawn by ``next_token`` (eq. 12,
+        top-k, top-p; temperature 0 is greedy) from the logits of the last position only. With ``use_cache``
+        each step feeds only the new token (a KVCache, section 7): the same tokens as without it. Once the
+        sequence is longer than block_size the context is cropped to its last block_size tokens, which moves
+        every position, so those steps recompute the whole window, with or without the cache."""
+        check_sampling(temperature, top_k, top_p)
+        was_training = self.training
+        self.eval()
+        T_max = self.config.block_size
+        cache = KVCache(self.config.n_layer) if use_cache else None
+        for _ in range(max_new_tokens):
+            if cache is not None and idx.shape[1] <= T_max:
+                logits, _ = self(idx[:, cache.length:], cache=cache, last_only=True)   # only the new tokens
+            else:
+                logits, _ = self(idx[:, -T_max:], last_only=True)
+            next_id = next_token(logits[:, -1], temperature, top_k, top_p, generator)
+            idx = torch.cat([idx, next_id.to(idx.device)], dim=1)
+        self.train(was_training)
+        return idx
 
 
-# %% notebooks/07_gpt_mini.ipynb, cell 27
+# %% notebooks/07_gpt_mini.ipynb, cell 29
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -196,23 +348,30 @@ def _is_conv1d(key: str) -> bool:
 
 
 def hf_gpt2_config(config: GPTConfig):
-    """The transformers.GPT2Config of the same shape as ``config`` (GELU tanh approximation, LayerNorm eps 1e-5)."""
+    """The transformers.GPT2Config of the same shape as ``config`` (GELU tanh approximation, LayerNorm eps 1e-5).
+    Raises ValueError for a variant GPT-2 does not have (RMSNorm, post-LN, RoPE, SwiGLU, ...)."""
     from transformers import GPT2Config
 
+    variants = {"norm": "layernorm", "norm_position": "pre", "residual": True, "pos_encoding": "learned",
+                "mlp": "gelu"}
+    bad = [f"{k}={getattr(config, k)!r}" for k, v in variants.items() if getattr(config, k) != v]
+    if bad:
+        raise ValueError(f"GPT-2 has no counterpart for {', '.join(bad)}")
     return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
                       n_layer=config.n_layer, n_head=config.n_head, n_inner=4 * config.n_embd,
-                      activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=config.dropout,
-                      embd_pdrop=config.dropout, attn_pdrop=config.dropout, tie_word_embeddings=True,
+                      activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=config.p("resid"),
+                      embd_pdrop=config.p("embd"), attn_pdrop=config.p("attn"), tie_word_embeddings=True,
                       bos_token_id=None, eos_token_id=None)
 
 
 def to_hf_gpt2(model: GPT):
-    """A transformers.GPT2LMHeadModel holding ``model``'s weights (same logits); Conv1D weights transposed.
-    A model without biases maps onto GPT-2's biases set to zero."""
+    """A transformers.GPT2LMHeadModel holding ``model``'s weights (same logits) in the same dtype; Conv1D
+    weights transposed. A model without biases maps onto GPT-2's biases set to zero."""
     from transformers import GPT2LMHeadModel
 
     ours = model.state_dict()
-    hf = GPT2LMHeadModel(hf_gpt2_config(model.config))
+    dtype = model.transformer.wte.weight.dtype
+    hf = GPT2LMHeadModel(hf_gpt2_config(model.config)).to(dtype)
     state = {}
     for key, value in hf.state_dict().items():
         if key in ours:
@@ -223,15 +382,15 @@ def to_hf_gpt2(model: GPT):
             raise KeyError(f"{key} of GPT2LMHeadModel has no counterpart in GPT")
         if src.shape != value.shape:
             raise ValueError(f"{key}: ours gives shape {tuple(src.shape)}, GPT2LMHeadModel needs {tuple(value.shape)}")
-        state[key] = src.detach().to(torch.float32).clone()
+        state[key] = src.detach().to(value.dtype).clone()
     hf.load_state_dict(state)
     device = next(model.parameters()).device
     return hf.to(device).train(model.training)
 
 
 def from_hf_gpt2(hf_model) -> GPT:
-    """Our GPT holding the weights of a transformers.GPT2LMHeadModel (same logits). Raises ValueError for the
-    GPT-2 options our model does not implement."""
+    """Our GPT holding the weights of a transformers.GPT2LMHeadModel (same logits, same dtype). Raises
+    ValueError for the GPT-2 options our model does not implement."""
     hc = hf_model.config
     unsupported = {
         "activation_function (need gelu_new or gelu_pytorch_tanh)": hc.activation_function not in ("gelu_new", "gelu_pytorch_tanh"),
@@ -246,151 +405,100 @@ def from_hf_gpt2(hf_model) -> GPT:
     if bad:
         raise ValueError(f"this GPT2LMHeadModel uses options our GPT does not implement: {', '.join(bad)}")
     config = GPTConfig(vocab_size=hc.vocab_size, block_size=hc.n_positions, n_layer=hc.n_layer, n_head=hc.n_head,
-                       n_embd=hc.n_embd, dropout=hc.resid_pdrop, bias=True)
-    model = GPT(config)
-    state = {key: (value.t() if _is_conv1d(key) else value).detach().float().clone()
+                       n_embd=hc.n_embd, dropout=hc.resid_pdrop, embd_dropout=hc.embd_pdrop,
+                       attn_dropout=hc.attn_pdrop, bias=True)
+    model = GPT(config).to(hf_model.transformer.wte.weight.dtype)
+    state = {key: (value.t() if _is_conv1d(key) else value).detach().clone()
              for key, value in hf_model.state_dict().items() if not key.endswith((".attn.bias", ".attn.masked_bias"))}
     model.load_state_dict(state)
     device = next(hf_model.parameters()).device
     return model.to(device).train(hf_model.training)
 
 
-# %% notebooks/07_gpt_mini.ipynb, cell 35
-@torch.no_grad()
-def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Append ``max_new_tokens`` tokens to each row of ``idx`` (B, T), each drawn from eq. (12): the softmax of
-    the last position's logits divided by ``temperature``, restricted to the ``top_k`` largest. Temperature 0
-    is greedy decoding (the argmax). The context is cropped to the last block_size tokens."""
+# %% notebooks/07_gpt_mini.ipynb, cell 37
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), not {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be a positive integer or None, not {top_k}")
-    was_training = self.training
-    self.eval()
-    for _ in range(max_new_tokens):
-        logits, _ = self(idx[:, -self.config.block_size:])
-        logits = logits[:, -1].float()                                          # (B, V): scores of the next token
-        if temperature == 0:
-            next_token = logits.argmax(dim=-1, keepdim=True)
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, not {top_p}")
+
+
+def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of ``logits`` (B, V), (B, 1): eq. (12) with temperature ``temperature`` restricted to the
+    ``top_k`` largest logits, then to the nucleus of probability ``top_p`` (eq. 12b); temperature 0 is the argmax.
+    Drawn with ``generator`` (on its device)."""
+    check_sampling(temperature, top_k, top_p)
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature                                               # eq. (12)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))                # keep the k largest
+    if top_p is not None and top_p < 1:                                         # eq. (12b), the nucleus
+        sorted_logits, order = torch.sort(logits, dim=-1)                       # ascending
+        mass_below = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)        # P(tokens up to this one)
+        drop = mass_below <= 1 - top_p                                          # the tail outside the nucleus
+        drop[:, -1] = False                                                     # the most likely token stays
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if generator is not None:
+        probs = probs.to(generator.device)
+    return torch.multinomial(probs, 1, generator=generator).to(logits.device)
+
+
+class KVCache:
+    """The keys and values of the positions already processed, per layer, for generation: a new token's
+    query attends to them without recomputing them. ``length`` is the number of cached positions."""
+
+    def __init__(self, n_layer: int):
+        self.k: list = [None] * n_layer
+        self.v: list = [None] * n_layer
+
+    def seen(self, layer: int = 0) -> int:
+        """Positions cached in ``layer`` (during a forward pass, the later layers are not yet updated)."""
+        return 0 if self.k[layer] is None else self.k[layer].shape[-2]
+
+    @property
+    def length(self) -> int:
+        return self.seen(0)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this forward's k, v (B, H, T, d) to layer ``layer``'s; return all of them."""
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k], dim=-2), torch.cat([self.v[layer], v], dim=-2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+# %% notebooks/07_gpt_mini.ipynb, cell 45
+def weight_decay_groups(model: nn.Module, weight_decay: float, *, decay_embeddings: bool = True) -> list[dict]:
+    """Two AdamW parameter groups: the weights of nn.Linear layers (and, if ``decay_embeddings``, of nn.Embedding
+    tables) with ``weight_decay``; everything else (biases, norm gains, and without ``decay_embeddings`` the
+    embeddings and a Linear weight tied to one) with 0. Each group also lists its parameter names."""
+    params = dict(model.named_parameters())                              # a tied tensor appears once
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    linear_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    decay, no_decay = [], []
+    for name, p in params.items():
+        is_embedding = id(p) in embedding_ids
+        if (id(p) in linear_ids and not is_embedding) or (decay_embeddings and is_embedding):
+            decay.append(name)
         else:
-            logits = logits / temperature                                       # eq. (12)
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))        # keep the k largest
-            probs = torch.softmax(logits, dim=-1)
-            if generator is not None:
-                probs = probs.to(generator.device)
-            next_token = torch.multinomial(probs, 1, generator=generator).to(idx.device)
-        idx = torch.cat([idx, next_token], dim=1)
-    self.train(was_training)
-    return idx
+            no_decay.append(name)
+    return [{"params": [params[n] for n in decay], "names": decay, "weight_decay": weight_decay},
+            {"params": [params[n] for n in no_decay], "names": no_decay, "weight_decay": 0.0}]
 
 
-GPT.generate = generate
-
-
-# %% notebooks/07_gpt_mini.ipynb, cell 43
-def lr_at(step: int, *, steps: int, lr: float, min_lr: float | None = None, warmup: int = 0) -> float:
-    """Eq. (13): linear warmup over ``warmup`` steps to ``lr``, then chapter 02's cosine decay to ``min_lr``
-    (default lr / 10, as nanoGPT) at step ``steps``."""
-    min_lr = lr / 10 if min_lr is None else min_lr
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return min_lr + cosine_lr(min(step, steps) - warmup, max(1, steps - warmup), lr - min_lr)
-
-
-def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.99), device="cpu"):
-    """AdamW with weight decay on the matrices only (weights of linear layers, embeddings), none on biases and
-    LayerNorm gains; PyTorch's fused kernel on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.device(device).type == "cuda")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def evaluate_lm(model: nn.Module, data: torch.Tensor, *, block_size: int, batch_size: int, batches: int, seed: int = 0,
-                device="cpu") -> float:
-    """Mean cross-entropy (nats per token) of ``model`` over ``batches`` fixed random windows of ``data``
-    (get_lm_batch with steps 0..batches-1 and ``seed``): the same windows at every evaluation."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), device=device)
-    for i in range(batches):
-        x, y = get_lm_batch(data, block_size, batch_size, i, seed)
-        with autocast(device):
-            _, loss = model(x.to(device), y.to(device))
-        total += loss.float()
-    model.train(was_training)
-    return total.item() / batches
-
-
-def train_gpt(model: nn.Module, train_data: torch.Tensor, val_data: torch.Tensor, *, steps: int, batch_size: int,
-              lr: float, min_lr: float | None = None, warmup: int = 0, weight_decay: float = 0.1, betas=(0.9, 0.99),
-              grad_clip: float | None = 1.0, eval_every: int = 100, eval_batches: int = 20, seed: int = 0,
-              checkpoint=None, device="cpu", compile: bool = False, desc: str = "GPT") -> dict:
-    """Train a language model on random windows of ``train_data`` (get_lm_batch) with AdamW, warmup + cosine
-    (eq. 13) and global-norm gradient clipping (chapter 04's eq. 4), bf16 autocast on CUDA, torch.compile if
-    ``compile`` (CUDA only). Every ``eval_every`` steps and at the end: the validation loss and a checkpoint;
-    resumes from ``checkpoint`` when the file exists, exactly (batches are a function of the step).
-
-    Returns {"train": [(step, loss)], "val": [(step, val_loss)], "train_seconds": [(step, seconds of training,
-    evaluations excluded, summed over resumed sessions)], "first_step_seconds": [(step, seconds)] for the first
-    step of each session (it includes torch.compile's compilation), "tokens_per_s": training tokens per second
-    over the whole run without those first steps (nan if there are no others), "steps": steps}."""
-    device = torch.device(device)
-    model.to(device)
-    block_size = model.config.block_size
-    opt = make_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas, device=device)
-    start, history = 0, {"train": [], "val": [], "train_seconds": [], "first_step_seconds": []}
-    if checkpoint is not None and Path(checkpoint).exists():
-        start, extra = load_checkpoint(checkpoint, model, opt)
-        history.update({key: [tuple(p) for p in value] for key, value in extra["history"].items()})
-    fwd = torch.compile(model) if compile and device.type == "cuda" else model
-    train_data, val_data = train_data.to(device), val_data.to(device)
-    seconds = history["train_seconds"][-1][1] if history["train_seconds"] else 0.0
-    pending = []
-    model.train()
-    _sync(device)
-    t0 = time.perf_counter()
-    bar = progress(range(start, steps), desc=desc, initial=start, total=steps)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps=steps, lr=lr, min_lr=min_lr, warmup=warmup)      # eq. (13)
-        x, y = get_lm_batch(train_data, block_size, batch_size, step, seed)
-        with autocast(device):
-            _, loss = fwd(x, y)                                                # eq. (11)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            clip_grad_norm(model.parameters(), grad_clip)                      # chapter 04, eq. (4)
-        opt.step()
-        pending.append((step, loss.detach()))                                 # read later: no GPU sync per step
-        if step == start:                                                      # the first step: compilation
-            _sync(device)
-            history["first_step_seconds"].append((step, time.perf_counter() - t0))
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            _sync(device)
-            seconds += time.perf_counter() - t0
-            history["train"] += [(s, l.item()) for s, l in pending]
-            pending = []
-            val = evaluate_lm(fwd, val_data, block_size=block_size, batch_size=batch_size, batches=eval_batches,
-                              device=device)
-            history["val"].append((step + 1, val))
-            history["train_seconds"].append((step + 1, seconds))
-            bar.set_postfix(train=f"{history['train'][-1][1]:.3f}", val=f"{val:.3f}")
-            if checkpoint is not None:
-                save_checkpoint(checkpoint, model, opt, step=step + 1, extra={"history": history})
-            _sync(device)
-            t0 = time.perf_counter()
-    # throughput over the whole run (all sessions), the first step of each session (compilation) excluded
-    steady_steps = (history["val"][-1][0] if history["val"] else 0) - len(history["first_step_seconds"])
-    steady_seconds = seconds - sum(s for _, s in history["first_step_seconds"])
-    tokens_per_s = steady_steps * batch_size * block_size / steady_seconds if steady_steps > 0 else float("nan")
-    return {**history, "tokens_per_s": tokens_per_s, "steps": steps}
+def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.99), eps: float = 1e-8,
+                   decay_embeddings: bool = True) -> torch.optim.AdamW:
+    """torch.optim.AdamW over ``weight_decay_groups``: decay on the matrices, none on biases and norm gains;
+    ``decay_embeddings`` says whether the embedding tables count as matrices (nanoGPT: yes, the default here;
+    minGPT: no, chapter 09). PyTorch's fused kernel when the model is on a CUDA GPU."""
+    groups = [{k: v for k, v in g.items() if k != "names"}
+              for g in weight_decay_groups(model, weight_decay, decay_embeddings=decay_embeddings)]
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)

@@ -3,18 +3,10 @@
 
 
 # %% notebooks/09_gpt_small.ipynb, cell 3
-import math
-import time
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 
-from groundup.checkpoint import load_checkpoint, save_checkpoint
-from groundup.gpt import GPTConfig, evaluate_lm, get_lm_batch
-from groundup.mlp import cosine_lr
-from groundup.rnn import clip_grad_norm
-from groundup.runtime import autocast, progress
+from groundup.gpt import GPTConfig
 
 
 # %% notebooks/09_gpt_small.ipynb, cell 10
@@ -31,24 +23,6 @@ def gpt_config(cfg, vocab_size: int, *, n_layer=None, n_embd=None, n_head=None) 
 
 
 # %% notebooks/09_gpt_small.ipynb, cell 14
-@torch.no_grad()
-def gpt2_init_(model: nn.Module, *, std: float = 0.02, residual_scaling: bool = True, generator=None) -> nn.Module:
-    """GPT-2's initialization, in place: Linear and Embedding weights N(0, std^2), biases 0, LayerNorm (1, 0),
-    and with residual_scaling the residual projections (`*.c_proj.weight`) N(0, (std / sqrt(2 n_layer))^2), eq. (5)."""
-    n_layer = model.config.n_layer
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            scale = 1 / math.sqrt(2 * n_layer) if residual_scaling and name.endswith("c_proj") else 1.0
-            module.weight.normal_(0.0, std * scale, generator=generator)
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
-        elif isinstance(module, nn.LayerNorm):
-            module.weight.fill_(1.0)
-            if module.bias is not None:
-                module.bias.zero_()
-    return model
-
-
 @torch.no_grad()
 def residual_stream_std(model: nn.Module, idx: torch.Tensor) -> list[float]:
     """Standard deviation of the residual stream x_0 (embeddings), x_1, ..., x_L (after each block), eq. (4)."""
@@ -70,41 +44,6 @@ def residual_stream_std(model: nn.Module, idx: torch.Tensor) -> list[float]:
             h.remove()
         model.train(was_training)
     return stds
-
-
-# %% notebooks/09_gpt_small.ipynb, cell 21
-def weight_decay_groups(model: nn.Module, weight_decay: float, *, decay_embeddings: bool = False) -> list[dict]:
-    """Two AdamW parameter groups: nn.Linear weights with `weight_decay`, everything else (biases, LayerNorm,
-    embeddings, and a Linear weight tied to an embedding) with 0. Each group also lists its parameter names."""
-    params = dict(model.named_parameters())                              # a tied tensor appears once
-    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    linear_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    decay, no_decay = [], []
-    for name, p in params.items():
-        is_embedding = id(p) in embedding_ids
-        if (id(p) in linear_ids and not is_embedding) or (decay_embeddings and is_embedding):
-            decay.append(name)
-        else:
-            no_decay.append(name)
-    return [{"params": [params[n] for n in decay], "names": decay, "weight_decay": weight_decay},
-            {"params": [params[n] for n in no_decay], "names": no_decay, "weight_decay": 0.0}]
-
-
-def adamw_with_groups(model: nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,
-                   decay_embeddings: bool = False, device="cpu") -> torch.optim.AdamW:
-    """torch.optim.AdamW (eq. 6) over `weight_decay_groups`; the fused CUDA kernel on a GPU."""
-    groups = [{k: v for k, v in g.items() if k != "names"}
-              for g in weight_decay_groups(model, weight_decay, decay_embeddings=decay_embeddings)]
-    fused = torch.device(device).type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
-
-
-# %% notebooks/09_gpt_small.ipynb, cell 28
-def warmup_cosine_lr(step: int, *, max_lr: float, min_lr: float, warmup: int, total: int) -> float:
-    """Eq. (8): linear warmup over `warmup` steps to max_lr, then cosine decay to min_lr at step `total`."""
-    if step < warmup:
-        return max_lr * (step + 1) / warmup
-    return min_lr + cosine_lr(step - warmup, total - warmup, max_lr - min_lr)      # chapter 02, shifted and lifted
 
 
 # %% notebooks/09_gpt_small.ipynb, cell 32
@@ -146,88 +85,3 @@ def peak_flops(device) -> float | None:
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None) -> float | None:
     """Eq. (11): model FLOPs utilization, or None without a peak."""
     return None if not peak else flops_per_token * tokens_per_s / peak
-
-
-# %% notebooks/09_gpt_small.ipynb, cell 36
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def train_gpt_small(model: nn.Module, train_data: torch.Tensor, val_data: torch.Tensor, *, steps: int, batch_size: int,
-                    max_lr: float, min_lr: float, warmup: int, weight_decay: float = 0.1, betas=(0.9, 0.95),
-                    grad_clip: float | None = 1.0, grad_accum: int = 1, eval_every: int = 100, eval_batches: int = 20,
-                    seed: int = 0, checkpoint=None, device="cpu", compile: bool = False,
-                    decay_embeddings: bool = False, timing_skip: int = 5, desc: str = "GPT-small") -> dict:
-    """Train a chapter-07 GPT with AdamW decay groups (eq. 6), global-norm clipping (eq. 7) and warmup + cosine
-    (eq. 8); resumes exactly from `checkpoint` if it exists. Returns the history: "train" [(step, loss)],
-    "val" [(step, val loss)], "lr", "grad_norm", and "tokens_per_s" (timed steps only)."""
-    device = torch.device(device)
-    block_size = model.config.block_size
-    model.to(device)
-    train_data, val_data = train_data.to(device), val_data.to(device)   # batches are gathered where the model is
-    optimizer = adamw_with_groups(model, lr=max_lr, weight_decay=weight_decay, betas=betas,
-                               decay_embeddings=decay_embeddings, device=device)
-    history = {"train": [], "val": [], "lr": [], "grad_norm": [], "timed_tokens": 0, "timed_seconds": 0.0}
-    start = 0
-    if checkpoint is not None and Path(checkpoint).exists():
-        start, history = load_checkpoint(checkpoint, model, optimizer)
-        history = {k: [tuple(p) for p in v] if isinstance(v, list) else v for k, v in history.items()}
-    step_model = torch.compile(model) if compile and device.type == "cuda" else model
-    tokens_per_step = batch_size * block_size * grad_accum
-    pending = []                                                         # (step, loss, norm) still on the device
-    mark = None                                                          # start of the current timed stretch
-
-    def flush_and_time(step_done: int):
-        nonlocal mark
-        _sync(device)
-        if mark is not None:                                             # close the timed stretch
-            history["timed_seconds"] += time.perf_counter() - mark[0]
-            history["timed_tokens"] += (step_done - mark[1]) * tokens_per_step
-            mark = None
-        for s, loss, norm in pending:
-            history["train"].append((s, loss.item()))
-            history["grad_norm"].append((s, norm.item()))
-        pending.clear()
-
-    model.train()
-    bar = progress(range(start, steps), desc=desc, initial=start, total=steps)
-    for step in bar:
-        if step == start + timing_skip or (mark is None and step > start + timing_skip):
-            _sync(device)
-            mark = (time.perf_counter(), step)
-        lr = warmup_cosine_lr(step, max_lr=max_lr, min_lr=min_lr, warmup=warmup, total=steps)   # eq. (8)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            x, y = get_lm_batch(train_data, block_size, batch_size, step * grad_accum + micro, seed)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device):
-                _, loss = step_model(x, y)
-            (loss / grad_accum).backward()
-            loss_sum += loss.detach()
-        norm = clip_grad_norm(list(model.parameters()), grad_clip if grad_clip else float("inf"))   # eq. (7)
-        optimizer.step()                                                 # eq. (6)
-        optimizer.zero_grad(set_to_none=True)
-        pending.append((step, loss_sum / grad_accum, norm.detach()))
-        history["lr"].append((step, lr))
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            flush_and_time(step + 1)
-            val = evaluate_lm(model, val_data, block_size=block_size, batch_size=batch_size,
-                              batches=eval_batches, seed=seed, device=device)
-            model.train()
-            history["val"].append((step + 1, val))
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(train=f"{history['train'][-1][1]:.3f}", val=f"{val:.3f}")
-            if checkpoint is not None:
-                save_checkpoint(checkpoint, model, optimizer, step=step + 1, extra=history)
-    flush_and_time(steps)
-    history["tokens_per_s"] = (history["timed_tokens"] / history["timed_seconds"]) if history["timed_seconds"] else None
-    return history
-
-
-# %% notebooks/09_gpt_small.ipynb, cell 41
-def bits_per_char(nats_per_token: float, n_tokens: int, n_chars: int) -> float:
-    """Eq. (12): a loss in nats per token as bits per character of the text those tokens encode."""
-    return nats_per_token * n_tokens / (n_chars * math.log(2))

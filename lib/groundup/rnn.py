@@ -4,25 +4,22 @@
 
 # %% notebooks/04_rnn_lstm_gru.ipynb, cell 3
 import math
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from groundup.basics import Adam, cross_entropy
-from groundup.checkpoint import load_checkpoint, save_checkpoint
-from groundup.mlp import cosine_lr
-from groundup.runtime import autocast, progress
+from groundup.train import detach_state
 
 
-# %% notebooks/04_rnn_lstm_gru.ipynb, cell 6
+# %% notebooks/04_rnn_lstm_gru.ipynb, cell 7
 def rnn_cell(x: torch.Tensor, h: torch.Tensor, W_ih, W_hh, b_ih, b_hh) -> torch.Tensor:
     """One step of the Elman RNN, eq. (1): x (B, D), h (B, H) -> the next h (B, H)."""
     return torch.tanh(x @ W_ih.T + b_ih + h @ W_hh.T + b_hh)
 
 
-# %% notebooks/04_rnn_lstm_gru.ipynb, cell 12
+# %% notebooks/04_rnn_lstm_gru.ipynb, cell 13
 def state_jacobian_norms(step, state0: tuple, xs: torch.Tensor) -> torch.Tensor:
     """Spectral norms of d h_T / d s_t (eq. 2), indexed by the distance T - t = 1..T.
 
@@ -42,7 +39,7 @@ def state_jacobian_norms(step, state0: tuple, xs: torch.Tensor) -> torch.Tensor:
     return torch.stack(norms).flip(0)        # element k-1 is the norm at distance k = T - t
 
 
-# %% notebooks/04_rnn_lstm_gru.ipynb, cell 18
+# %% notebooks/04_rnn_lstm_gru.ipynb, cell 19
 def clip_grad_norm(parameters, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
     """Scale all gradients by min(1, max_norm / ||g||) with ||g|| their global L2 norm, eq. (4).
     Returns ||g|| before clipping (as torch.nn.utils.clip_grad_norm_ does)."""
@@ -54,7 +51,7 @@ def clip_grad_norm(parameters, max_norm: float, eps: float = 1e-6) -> torch.Tens
     return total
 
 
-# %% notebooks/04_rnn_lstm_gru.ipynb, cell 21
+# %% notebooks/04_rnn_lstm_gru.ipynb, cell 22
 def lstm_cell(x: torch.Tensor, state: tuple, W_ih, W_hh, b_ih, b_hh) -> tuple:
     """One LSTM step, eqs. (5)-(8), gates in PyTorch's order (i, f, g, o): x (B, D), state (h, c) -> (h, c)."""
     h, c = state
@@ -66,7 +63,7 @@ def lstm_cell(x: torch.Tensor, state: tuple, W_ih, W_hh, b_ih, b_hh) -> tuple:
     return h, c
 
 
-# %% notebooks/04_rnn_lstm_gru.ipynb, cell 29
+# %% notebooks/04_rnn_lstm_gru.ipynb, cell 30
 def gru_cell(x: torch.Tensor, h: torch.Tensor, W_ih, W_hh, b_ih, b_hh) -> torch.Tensor:
     """One GRU step, eqs. (9)-(11), PyTorch's convention (rows r, z, n; reset after W_hn h + b_hn)."""
     x_r, x_z, x_n = (x @ W_ih.T + b_ih).chunk(3, dim=-1)           # input parts, (B, H) each
@@ -77,7 +74,7 @@ def gru_cell(x: torch.Tensor, h: torch.Tensor, W_ih, W_hh, b_ih, b_hh) -> torch.
     return (1 - z) * n + z * h                                      # eq. (11)
 
 
-# %% notebooks/04_rnn_lstm_gru.ipynb, cell 32
+# %% notebooks/04_rnn_lstm_gru.ipynb, cell 33
 CELLS = {"rnn": (rnn_cell, 1), "lstm": (lstm_cell, 4), "gru": (gru_cell, 3)}   # cell and gate blocks per mode
 
 
@@ -125,7 +122,7 @@ class Recurrent(nn.Module):
         return x, torch.stack(finals)
 
 
-# %% notebooks/04_rnn_lstm_gru.ipynb, cell 34
+# %% notebooks/04_rnn_lstm_gru.ipynb, cell 35
 def compare_with_torch(mode: str, layer: nn.Module | None = None, *, B=3, T=6, D=5, H=4, num_layers=2, seed=0) -> dict:
     """Our Recurrent (or ``layer``, any module with nn.RNN's interface) against torch's module with
     copied weights, float64: largest absolute differences of outputs, final states and gradients."""
@@ -154,13 +151,7 @@ def compare_with_torch(mode: str, layer: nn.Module | None = None, *, B=3, T=6, D
             "gradients": max((p - q).abs().max().item() for p, q in zip(a["grads"], b["grads"]))}
 
 
-# %% notebooks/04_rnn_lstm_gru.ipynb, cell 39
-def detach_state(state):
-    """Cut the graph behind a recurrent state (a tensor or a tuple of tensors): eq. (13)'s h_{t0} held constant."""
-    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
-
-
-# %% notebooks/04_rnn_lstm_gru.ipynb, cell 42
+# %% notebooks/04_rnn_lstm_gru.ipynb, cell 43
 def tbptt_steps(n: int, block: int, batch_size: int) -> int:
     """Steps in one epoch of truncated BPTT over n tokens: each of batch_size streams gives stream // block chunks."""
     steps = (n - block) // batch_size // block
@@ -174,19 +165,21 @@ def get_batch(data: torch.Tensor, block: int, batch_size: int, step: int, seed: 
 
     Row b of step k+1 continues row b of step k within an epoch (so the hidden state can be carried);
     each epoch starts at an offset in [0, block) drawn from (seed, epoch). A pure function of its
-    arguments, so a resumed run sees exactly the batches an uninterrupted one does."""
+    arguments, so a resumed run sees exactly the batches an uninterrupted one does. The indices are made
+    on the data's device (a generator there): no host-to-device copy per step."""
     steps = tbptt_steps(len(data), block, batch_size)
     stream = (len(data) - block) // batch_size                      # characters per stream
     epoch, i = divmod(step, steps)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    offset = int(torch.randint(block, (1,), generator=g))
-    starts = offset + torch.arange(batch_size) * stream + i * block  # (B,): start of chunk i in each stream
-    idx = (starts[:, None] + torch.arange(block + 1)).to(data.device)  # last index <= block-1 + B*stream <= n-1
+    dev = data.device                                                # indices made where the data is: no copy
+    g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + epoch)
+    offset = torch.randint(block, (1,), generator=g, device=dev)
+    starts = offset + torch.arange(batch_size, device=dev) * stream + i * block   # (B,): chunk i of each stream
+    idx = starts[:, None] + torch.arange(block + 1, device=dev)     # last index <= block-1 + B*stream <= n-1
     chunk = data[idx]                                                # (B, block + 1)
     return chunk[:, :-1], chunk[:, 1:]
 
 
-# %% notebooks/04_rnn_lstm_gru.ipynb, cell 46
+# %% notebooks/04_rnn_lstm_gru.ipynb, cell 47
 def build_vocab(text: str) -> list[str]:
     """The sorted characters of a text; a character's index is its token id."""
     return sorted(set(text))
@@ -201,7 +194,7 @@ def decode(ids, vocab: list[str]) -> str:
     return "".join(vocab[int(i)] for i in ids)
 
 
-# %% notebooks/04_rnn_lstm_gru.ipynb, cell 50
+# %% notebooks/04_rnn_lstm_gru.ipynb, cell 51
 class CharRNN(nn.Module):
     """Embedding -> recurrent layers (nn.LSTM/GRU/RNN, or ours with ours=True) -> linear readout.
     Dropout on the non-recurrent connections; the forget gate's bias starts at ``forget_bias``."""
@@ -231,80 +224,32 @@ class CharRNN(nn.Module):
         return self.head(self.drop(out)), state
 
 
-# %% notebooks/04_rnn_lstm_gru.ipynb, cell 53
-@torch.no_grad()
-def evaluate_nats(model: nn.Module, data: torch.Tensor, block: int, streams: int = 64) -> float:
-    """Mean negative log-likelihood of the next character, eq. (14), in nats: ``data`` is read as
-    ``streams`` contiguous streams in chunks of ``block`` with the state carried along."""
-    model.eval()
-    device = next(model.parameters()).device
+# %% notebooks/04_rnn_lstm_gru.ipynb, cell 55
+def stream_batches(data: torch.Tensor, block: int, streams: int = 64):
+    """Validation batches for eq. (14) over the whole of ``data``: read as ``streams`` contiguous streams, in
+    chunks (x, y) of up to ``block`` characters, in order, so that the state can be carried along."""
     stream = (len(data) - 1) // streams
     if stream < 1:
         raise ValueError(f"{len(data)} tokens are too few for {streams} streams")
-    seqs = data[(torch.arange(streams)[:, None] * stream + torch.arange(stream + 1)).to(data.device)].to(device)
-    total, count, state = 0.0, 0, None
-    for t in range(0, stream, block):
-        length = min(block, stream - t)
-        x, y = seqs[:, t:t + length], seqs[:, t + 1:t + 1 + length]
-        with autocast(device):
-            logits, state = model(x, state)
-        total += cross_entropy(logits.float().flatten(0, 1), y.flatten()).item() * y.numel()
-        count += y.numel()
-    model.train()
-    return total / count
+    idx = torch.arange(streams, device=data.device)[:, None] * stream + torch.arange(stream + 1, device=data.device)
+    seqs = data[idx]                                                 # (streams, stream + 1)
+    ends = [min(t + block, stream) for t in range(0, stream, block)]  # the last chunk may be shorter
+    return [(seqs[:, t:end], seqs[:, t + 1:end + 1]) for t, end in zip(range(0, stream, block), ends)]
 
 
-def train_char_rnn(model: nn.Module, train_data: torch.Tensor, val_data: torch.Tensor, *, epochs: int, block: int,
-                   batch_size: int, lr: float, warmup: int, clip: float, seed: int, eval_every: int = 1,
-                   checkpoint=None, device="cpu") -> dict:
-    """Truncated BPTT with carried state (eq. 13), global-norm clipping (eq. 4), our Adam with linear warmup
-    and cosine decay; resumes from ``checkpoint`` if it exists. Returns the history: per step the training
-    loss and the gradient norm before clipping, per evaluation the validation loss (nats/char) and the
-    seconds spent training so far (summed over interrupted and resumed sessions)."""
-    model.to(device)
-    opt = Adam(model.parameters(), lr=lr)
-    steps_per_epoch = tbptt_steps(len(train_data), block, batch_size)
-    total = epochs * steps_per_epoch
-    start, history = 0, {"train_loss": [], "grad_norm": [], "val_loss": [], "train_seconds": []}
-    if checkpoint is not None and checkpoint.exists():
-        start, extra = load_checkpoint(checkpoint, model, opt)
-        history = {k: [tuple(p) for p in v] for k, v in extra["history"].items()}
-    train_data = train_data.to(device)
-    seconds_before, t_start = (history["train_seconds"][-1][1] if history["train_seconds"] else 0.0), time.perf_counter()
-    state = None
-    bar = progress(range(start, total), desc="char LSTM", initial=start, total=total)
-    for step in bar:
-        if step % steps_per_epoch == 0:
-            state = None                                             # a new epoch: new streams, zero state
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, total, lr) * min(1.0, (step + 1) / warmup)
-        x, y = get_batch(train_data, block, batch_size, step, seed)
-        with autocast(device):
-            logits, state = model(x, state)
-            loss = cross_entropy(logits.float().flatten(0, 1), y.flatten())   # eq. (14) on this chunk
-        opt.zero_grad(set_to_none=True)
-        loss.backward()                                              # back to the chunk's start only
-        norm = clip_grad_norm(model.parameters(), clip)              # eq. (4)
-        opt.step()
-        state = detach_state(state)                                  # eq. (13)
-        history["train_loss"].append((step, loss.item()))
-        history["grad_norm"].append((step, norm.item()))
-        epoch, rest = divmod(step + 1, steps_per_epoch)
-        if rest == 0 and (epoch % eval_every == 0 or step + 1 == total):
-            val = evaluate_nats(model, val_data, block)
-            history["val_loss"].append((step + 1, val))
-            history["train_seconds"].append((step + 1, seconds_before + time.perf_counter() - t_start))
-            bar.set_postfix(val=f"{val:.3f}")
-            if checkpoint is not None:
-                save_checkpoint(checkpoint, model, opt, step=step + 1, extra={"history": history})
-    return history
+def recurrent_loss(model: nn.Module, batch, state=None):
+    """The loop's loss for a CharRNN: eq. (14) on the chunk ``batch = (x, y)``, read from ``state``;
+    returns the loss and the final state, which the loop carries to the next chunk."""
+    x, y = batch
+    logits, state = model(x, state)
+    return cross_entropy(logits.float().flatten(0, 1), y.flatten()), state
 
 
-# %% notebooks/04_rnn_lstm_gru.ipynb, cell 61
+# %% notebooks/04_rnn_lstm_gru.ipynb, cell 63
 @torch.no_grad()
 def sample(model: nn.Module, prompt: torch.Tensor, n: int, temperature: float = 1.0,
            generator: torch.Generator | None = None) -> list[int]:
-    """Continue the token ids ``prompt`` (1-D) by n tokens drawn from softmax(logits / temperature), eq. (15);
+    """Continue the token ids ``prompt`` (1-D) by n tokens drawn from softmax(logits / temperature), eq. (16);
     temperature 0 is greedy. The state is carried from token to token."""
     model.eval()
     device = next(model.parameters()).device

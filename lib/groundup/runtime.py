@@ -160,19 +160,22 @@ class _FinalStateBar(tqdm_std):
         super().close()
 
 
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+def batch_indices(n: int, batch_size: int, step: int, seed: int, device=None) -> torch.Tensor:
     """Indices of the examples in training step ``step`` (0-based).
 
     Each epoch is a fresh permutation drawn from ``(seed, epoch)``; a step's batch is a slice of it,
     dropping the incomplete last batch. The batch depends only on its arguments, so a run resumed
-    from a checkpoint at step k sees exactly the batches an uninterrupted run would.
+    from a checkpoint at step k sees exactly the batches an uninterrupted run would. ``device``:
+    where the permutation is drawn (a generator there; the data's device, so that no index tensor
+    is copied from the host per step); a GPU draws other permutations than the CPU.
     """
     if batch_size > n:
         raise ValueError(f"batch_size={batch_size} is larger than the data set ({n} examples)")
     steps_per_epoch = n // batch_size
     epoch, i = divmod(step, steps_per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g)
+    device = torch.device("cpu" if device is None else device)
+    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g, device=device)
     return perm[i * batch_size:(i + 1) * batch_size]
 
 

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from groundup.attention import MultiHeadAttention
 from groundup.basics import Adam, log_softmax
-from groundup.checkpoint import load_checkpoint, save_checkpoint
-from groundup.runtime import autocast, batch_indices, progress
+from groundup.runtime import autocast
 
 
 # %% notebooks/06_transformer.ipynb, cell 7
@@ -304,33 +303,15 @@ def transformer_log_probs(model: "Transformer", src: torch.Tensor, src_keep: tor
 
 
 # %% notebooks/06_transformer.ipynb, cell 37
-def train_steps(model: nn.Module, batch_loss, n_examples: int, *, steps: int, batch_size: int, lr_at, seed: int,
-                betas=(0.9, 0.98), eps: float = 1e-9, checkpoint=None, save_every: int = 100, desc: str = "training",
-                device="cpu") -> list:
-    """Minimize ``batch_loss(model, idx)`` over ``steps`` batches of example indices, with Adam (the paper's
-    betas and eps) at learning rate ``lr_at(step)``; resumes from ``checkpoint`` if it exists.
-    Returns [(step, loss), ...]; leaves the model in eval mode."""
-    model.to(device)
-    opt = Adam(model.parameters(), lr=lr_at(0), betas=betas, eps=eps)
-    start, history = 0, []
-    if checkpoint is not None and checkpoint.exists():
-        start, extra = load_checkpoint(checkpoint, model, opt)
-        history = [tuple(h) for h in extra["history"]]
-    model.train()
-    for step in progress(range(start, steps), desc=desc, initial=start, total=steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        idx = batch_indices(n_examples, batch_size, step, seed).to(device)
-        with autocast(device):
-            loss = batch_loss(model, idx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history.append((step, loss.item()))
-        if checkpoint is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
-            save_checkpoint(checkpoint, model, opt, step=step + 1, extra={"history": history})
-    model.eval()
-    return history
+def index_loss(batch_loss):
+    """The training loop's ``loss(model, batch, state)`` for batches ``(idx,)`` of example indices, from
+    ``batch_loss(model, idx)``; no state."""
+    return lambda model, batch, state=None: (batch_loss(model, batch[0]), None)
+
+
+def paper_adam(model: nn.Module, lr: float) -> Adam:
+    """Chapter 01's Adam with the paper's beta_2 = 0.98 and eps = 1e-9 (section 5.3)."""
+    return Adam(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-9)
 
 
 # %% notebooks/06_transformer.ipynb, cell 39
