@@ -1,5 +1,6 @@
 """Unit tests of groundup.ddpm (chapter 15): the schedule, q_sample, the posterior, the sampler step
-against diffusers' DDPMScheduler, the training loss, the EMA and the exact resume of train_diffusion."""
+against diffusers' DDPMScheduler (each prediction type), the training loss, conditioning through
+model_kwargs, data outside [-1, 1], the EMA and the exact resume of train_diffusion."""
 
 import math
 
@@ -11,6 +12,9 @@ from diffusers import DDPMScheduler
 
 from groundup.ddpm import (EMA, GaussianDiffusion, TinyUNet, extract, image_grid, linear_beta_schedule,
                            sinusoidal_embedding, train_diffusion)
+from groundup.runtime import batch_indices
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
 
 
 class Fixed(nn.Module):
@@ -20,7 +24,7 @@ class Fixed(nn.Module):
         super().__init__()
         self.eps = eps
 
-    def forward(self, x, t):
+    def forward(self, x, t, **cond):
         return self.eps
 
 
@@ -251,19 +255,19 @@ def test_train_diffusion_resumes_exactly(tmp_path, monkeypatch):
     torch.manual_seed(0)
     straight = TinyUNet(8)
     straight_ema = EMA(straight, 0.9, warmup=True)
-    h1 = train_diffusion(straight, straight_ema, small, images, **kw)
+    h1 = train_diffusion(straight, small, images, ema=straight_ema, **kw)
 
     ckpt = tmp_path / "ddpm.safetensors"
     monkeypatch.setattr(ddpm, "progress", crashing_progress(7))
     torch.manual_seed(0)
     crashed = TinyUNet(8)
     with pytest.raises(Crash):
-        train_diffusion(crashed, EMA(crashed, 0.9, warmup=True), small, images, **kw, checkpoint=ckpt)
+        train_diffusion(crashed, small, images, ema=EMA(crashed, 0.9, warmup=True), **kw, checkpoint=ckpt)
     monkeypatch.undo()
     torch.manual_seed(123)
     resumed = TinyUNet(8)
     resumed_ema = EMA(resumed, 0.9, warmup=True)
-    h2 = train_diffusion(resumed, resumed_ema, small, images, **kw, checkpoint=ckpt)
+    h2 = train_diffusion(resumed, small, images, ema=resumed_ema, **kw, checkpoint=ckpt)
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
     for a, b in zip(straight_ema.model.parameters(), resumed_ema.model.parameters()):
@@ -272,8 +276,123 @@ def test_train_diffusion_resumes_exactly(tmp_path, monkeypatch):
     assert resumed_ema.num_updates == 10
 
 
-def test_train_diffusion_rejects_unscaled_images():
+def test_extract_makes_no_host_sync_off_the_cpu():
+    """On a GPU, int(t.min()) reads back from the device: a host synchronization per call. The meta device
+    cannot be read back at all, so extract on it fails if it tries."""
+    a = torch.arange(10.0, dtype=torch.float64)
+    out = extract(a.to("meta"), torch.tensor([3, 7], device="meta"), (2, 1, 4, 4))
+    assert out.shape == (2, 1, 1, 1) and out.device.type == "meta"
+
+
+def test_ema_foreach_update_equals_the_taught_loop():
+    torch.manual_seed(0)
+    net, other = TinyUNet(8), TinyUNet(8)
+    net.register_buffer("counter", torch.tensor([3.0]))
+    other.register_buffer("counter", torch.tensor([5.0]))
+    ema = EMA(other, decay=0.9, warmup=True)
+    reference = [p.detach().clone() for p in ema.model.parameters()]
+    for _ in range(3):
+        d = ema.current_decay()
+        ema.update(net)
+        for i, p in enumerate(net.parameters()):          # the loop of chapter 15's text
+            reference[i] = d * reference[i] + (1 - d) * p.detach()
+    for e, r in zip(ema.model.parameters(), reference):
+        assert torch.allclose(e, r, rtol=1e-6, atol=1e-7)
+    assert ema.model.counter.item() == 3.0 and ema.num_updates == 3
+    with pytest.raises(ValueError, match="shadow"):
+        ema.update(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("clip", [1.0, None])
+def test_prediction_types_match_diffusers_and_each_other(diffusion, kind, clip):
+    g = torch.Generator().manual_seed(8)
+    x0 = torch.rand(3, 1, 6, 6, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(3, 1, 6, 6, generator=g, dtype=torch.float64)
+    for t in (999, 400, 30, 1, 0):
+        tt = torch.full((3,), t)
+        xt = diffusion.q_sample(x0, tt, noise)
+        target = diffusion.training_target(x0, noise, tt, kind)
+        out = diffusion.p_from_output(target, xt, tt, clip_x0=None, prediction_type=kind)
+        assert (out["x0"] - x0).abs().max() < 1e-9 and (out["eps"] - noise).abs().max() < 1e-7
+        # the training loss of a perfect network is zero, for every type
+        assert diffusion.training_loss(Fixed(target), x0, t=tt, noise=noise, prediction_type=kind) < 1e-18
+        pred = target + 0.3 * torch.randn(target.shape, generator=g, dtype=torch.float64)
+        ref = reference(diffusion, clip_sample=clip is not None)
+        ref.config.prediction_type = kind
+        theirs = ref.step(pred, t, xt, generator=torch.Generator().manual_seed(t)).prev_sample
+        mine = diffusion.p_sample(Fixed(pred), xt, t, generator=torch.Generator().manual_seed(t), clip_x0=clip,
+                                  prediction_type=kind)
+        assert (mine - theirs).abs().max() < 1e-10, (kind, t)
+    assert GaussianDiffusion(linear_beta_schedule(10), prediction_type=kind).prediction_type == kind
+    with pytest.raises(ValueError, match="prediction_type"):
+        GaussianDiffusion(linear_beta_schedule(10), prediction_type="x0")
+
+
+def test_sample_from_a_given_x_T_and_with_model_kwargs():
+    small = GaussianDiffusion(linear_beta_schedule(15, 5e-3, 0.5))
+    seen = []
+
+    def model(x, t, *, label, scale=1.0):
+        seen.append(label)
+        return scale * torch.tanh(x) * label.view(-1, 1, 1, 1)
+
+    labels = torch.tensor([0.5, -1.0])
+    kw = dict(model_kwargs={"label": labels, "scale": 2.0}, progress_bar=False)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn((2, 1, 4, 4), generator=g)
+    a = small.sample(model, (2, 1, 4, 4), x_T=z, generator=g, **kw)
+    b = small.sample(model, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(a, b)                              # x_T drawn by sample() first = x_T given
+    assert len(seen) == 30 and all(s is labels for s in seen)
+    with pytest.raises(ValueError, match="x_T"):
+        small.sample(model, (3, 1, 4, 4), x_T=z, **kw)
+    with pytest.raises(TypeError):
+        small.sample(model, (2, 1, 4, 4), progress_bar=False)   # the model needs its label
+    loss = small.training_loss(model, z, generator=torch.Generator().manual_seed(1),
+                               model_kwargs={"label": labels})
+    assert torch.isfinite(loss)
+
+
+def test_clip_x0_is_a_bound_or_none():
+    """Data outside [-1, 1] (latents) must sample: clipping is an argument, not a fixed clamp."""
     small = GaussianDiffusion(linear_beta_schedule(10, 1e-2, 0.5))
-    net = TinyUNet(8)
-    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        train_diffusion(net, EMA(net), small, torch.rand(8, 1, 28, 28) * 255, steps=1, batch_size=4, lr=1e-3, seed=0)
+    z = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    eps = Fixed(-3 * torch.ones(2, 1, 4, 4))
+
+    def run(clip):
+        return small.sample(eps, z.shape, x_T=z, clip_x0=clip, generator=torch.Generator().manual_seed(1),
+                            progress_bar=False)
+
+    free, at_3, default = run(None), run(3.0), run(1.0)
+    assert free.max() > 3 and at_3.abs().max() <= 3 and at_3.max() > 1 and default.abs().max() <= 1
+    assert torch.equal(default, run(True)) and torch.equal(free, run(False))
+    with pytest.raises(ValueError, match="clip_x0"):
+        run(-1.0)
+
+
+def test_train_diffusion_takes_latents_and_conditioning():
+    """Data far outside [-1, 1] trains; per-example model_kwargs reach the model with the batch's rows."""
+    small = GaussianDiffusion(linear_beta_schedule(10, 1e-2, 0.5))
+    latents = 4 * torch.randn(24, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    class Conditional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+            self.embed = nn.Embedding(24, 2)
+
+        def forward(self, x, t, index):
+            seen.append(index.clone())
+            return self.conv(x) + self.embed(index)[:, :, None, None]
+
+    torch.manual_seed(0)
+    run = train_diffusion(Conditional(), small, latents, steps=7, batch_size=6, lr=1e-2, seed=4,
+                          model_kwargs={"index": torch.arange(24)})
+    assert len(run["loss"]) == 7 and all(math.isfinite(v) for _, v in run["loss"])
+    for step, index in enumerate(seen):
+        assert torch.equal(index, batch_indices(24, 6, step, 4)), step
+    with pytest.raises(ValueError, match="one row per image"):
+        train_diffusion(Conditional(), small, latents, steps=1, batch_size=6, lr=1e-2,
+                        model_kwargs={"index": torch.arange(5)})

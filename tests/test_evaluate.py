@@ -6,8 +6,13 @@ import pytest
 import scipy.linalg
 import torch
 
+from test_iddpm import OnMPS
+
 from groundup.evaluate import (classifier_features, fd_cifar_classifier, feature_statistics, fid_inception,
-                               frechet_distance, load_inception, quick_classifier_path, symmetric_sqrt)
+                               frechet_distance, inception_features, load_inception, quick_classifier_path,
+                               symmetric_sqrt)
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
 
 
 def _features(seed, n, d, shift=0.0):
@@ -100,3 +105,25 @@ def test_quick_classifier_path_records_its_settings(tmp_path, monkeypatch):
     others = {quick_classifier_path("smoke", n_train=5000), quick_classifier_path("smoke", epochs=5),
               quick_classifier_path("smoke", widths=[16, 32, 64]), quick_classifier_path("full")}
     assert default not in others and len(others) == 4
+
+
+def test_statistics_are_float64_on_the_cpu_for_device_tensors():
+    """Apple's MPS has no float64: features on the device go to the CPU before the float64 statistics."""
+    f = torch.tensor(_features(8, 40, 5), dtype=torch.float32)
+    mu, sigma = feature_statistics(f.as_subclass(OnMPS))
+    mu_cpu, sigma_cpu = feature_statistics(f)
+    assert type(mu) is torch.Tensor and mu.dtype == torch.float64
+    assert torch.equal(mu, mu_cpu) and torch.equal(sigma, sigma_cpu)
+    assert frechet_distance(mu.float().as_subclass(OnMPS), sigma.float().as_subclass(OnMPS), mu_cpu, sigma_cpu) \
+        == pytest.approx(0.0, abs=1e-4)
+
+    class FakeInception(torch.nn.Module):                    # returns its features "on the device"
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return [x.mean(dim=(2, 3), keepdim=True).as_subclass(OnMPS)]
+
+    feats = inception_features(torch.rand(6, 3, 4, 4), FakeInception(), batch_size=4)
+    assert feats.shape == (6, 3) and feats.dtype == torch.float64 and type(feats) is torch.Tensor

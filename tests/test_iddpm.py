@@ -7,12 +7,12 @@ import torch
 import torch.nn as nn
 
 from conftest import Crash, crashing_progress
-from groundup import unet as unet_module
-from groundup.ddpm import GaussianDiffusion, linear_beta_schedule
-from groundup.iddpm import (ImprovedDiffusion, cosine_alpha_bar, cosine_beta_schedule,
+from groundup import ddpm as ddpm_module
+from groundup.ddpm import GaussianDiffusion, linear_beta_schedule, train_diffusion
+from groundup.iddpm import (ImprovedDiffusion, cosine_alpha_bar, cosine_beta_schedule, ddim_sample, ddim_step,
                             discretized_gaussian_log_likelihood, hybrid_loss, nll_bpd, normal_kl, prior_bpd, respace,
                             spaced_timesteps, vlb_terms)
-from groundup.unet import UNet, UNetConfig, train_ddpm
+from groundup.unet import UNet, UNetConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
@@ -90,6 +90,9 @@ def test_discretized_likelihood_sums_to_one_and_matches_cdf(mean, scale):
 def test_discretized_likelihood_rejects_unscaled_pixels():
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         discretized_gaussian_log_likelihood(torch.tensor([255.0]), torch.zeros(1), torch.zeros(1))
+    # off the CPU the range is not read back (a host sync per hybrid-loss step); the meta device cannot be read
+    x = torch.zeros(3, device="meta")
+    assert discretized_gaussian_log_likelihood(x, x, x).shape == (3,)
 
 
 def test_learned_range_step_matches_diffusers():
@@ -223,26 +226,145 @@ def _tiny_unet():
 
 
 def test_hybrid_training_resumes_exactly(tmp_path, monkeypatch):
-    """Chapter 16's train_ddpm with the hybrid loss: a run killed mid-way and resumed ends with the weights of
+    """Chapter 15's train_diffusion (with chapter 16's flips) on the hybrid loss: a run killed mid-way and resumed ends with the weights of
     one that never stopped (the loss draws t and eps only from the step's generator; dropout from the saved RNG)."""
     d = ImprovedDiffusion(cosine_beta_schedule(50))
     images = _images(16).float()
-    kw = dict(steps=6, batch_size=4, lr=1e-3, warmup=2, ema_decay=0.9, seed=3, save_every=2)
+    kw = dict(steps=6, batch_size=4, lr=1e-3, warmup=2, ema_decay=0.9, seed=3, save_every=2, flip=True)
 
     straight = _tiny_unet()
     torch.manual_seed(11)
-    r1 = train_ddpm(straight, d, images, checkpoint=tmp_path / "a.safetensors", **kw)
+    r1 = train_diffusion(straight, d, images, checkpoint=tmp_path / "a.safetensors", **kw)
 
     resumed = _tiny_unet()
     torch.manual_seed(11)
     with monkeypatch.context() as m:
-        m.setattr(unet_module, "progress", crashing_progress(at=3))
+        m.setattr(ddpm_module, "progress", crashing_progress(at=3))
         with pytest.raises(Crash):
-            train_ddpm(resumed, d, images, checkpoint=tmp_path / "b.safetensors", **kw)
+            train_diffusion(resumed, d, images, checkpoint=tmp_path / "b.safetensors", **kw)
     resumed = _tiny_unet()
-    r2 = train_ddpm(resumed, d, images, checkpoint=tmp_path / "b.safetensors", **kw)
+    r2 = train_diffusion(resumed, d, images, checkpoint=tmp_path / "b.safetensors", **kw)
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
     for a, b in zip(r1["ema"].model.state_dict().values(), r2["ema"].model.state_dict().values()):
         assert torch.equal(a, b)
     assert [l for _, l in r1["loss"]] == [l for _, l in r2["loss"]]
+
+
+class OnMPS(torch.Tensor):
+    """A CPU tensor that behaves like one on Apple's MPS device in one respect: float64 does not exist there.
+    `.cpu()` returns a plain tensor; any operation that would make a float64 "device" tensor raises."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.cpu,):
+            return args[0].as_subclass(torch.Tensor).clone()
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        for o in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(o, OnMPS) and o.dtype == torch.float64:
+                raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't "
+                                "support float64")
+        return out
+
+
+def test_nll_bpd_computes_float64_on_the_cpu_only():
+    d = ImprovedDiffusion(cosine_beta_schedule(12))
+    torch.manual_seed(0)
+    model = StandIn()
+    x0 = _images(2).float()
+    with pytest.raises(TypeError, match="float64"):
+        x0.as_subclass(OnMPS).double()                     # the stand-in device refuses float64
+    on_device = nll_bpd(d, model, x0.as_subclass(OnMPS), generator=torch.Generator().manual_seed(0))
+    on_cpu = nll_bpd(d, model, x0, generator=torch.Generator().manual_seed(0))
+    assert on_device["bpd"].dtype == torch.float64 and torch.equal(on_device["bpd"], on_cpu["bpd"])
+
+
+def test_fixed_variances_stay_one_number_per_image():
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    t = torch.tensor([0, 5, 40])
+    for variance_type in ("fixed_small", "fixed_large"):
+        d = ImprovedDiffusion(cosine_beta_schedule(50), variance_type=variance_type)
+        out = d.p_from_output(torch.zeros_like(x), x, t)
+        assert out["variance"].shape == out["log_variance"].shape == (3, 1, 1, 1), variance_type
+    learned = ImprovedDiffusion(cosine_beta_schedule(50)).p_from_output(torch.zeros(3, 6, 8, 8, dtype=x.dtype), x, t)
+    assert learned["variance"].shape == x.shape
+
+
+def _ddim_scheduler(T, kind):
+    from diffusers import DDIMScheduler
+    sched = DDIMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2", prediction_type=kind)
+    sched.alphas_cumprod = torch.cumprod(1 - cosine_beta_schedule(T), 0)
+    sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+    return sched
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_ddim_trajectory_matches_diffusers_ddim_scheduler(kind, eta, spacing):
+    T, K = 1000, 8
+    torch.manual_seed(0)
+    model = StandIn(learned=False).double()
+    sched = _ddim_scheduler(T, kind)
+    sched.register_to_config(timestep_spacing=spacing)
+    sched.set_timesteps(K)
+    short = respace(ImprovedDiffusion(cosine_beta_schedule(T), variance_type="fixed_small", prediction_type=kind),
+                    sched.timesteps.flip(0))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    a, b = x.clone(), x.clone()
+    for i, t in enumerate(sched.timesteps):
+        a = ddim_step(short, model, a, K - 1 - i, eta=eta, generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            out = model(b, torch.full((2,), int(t)))
+        b = sched.step(out, t, b, eta=eta, use_clipped_model_output=True,
+                       generator=torch.Generator().manual_seed(i)).prev_sample
+    assert (a - b).abs().max() < 1e-12
+    # the whole loop: ddim_sample from the same x_T, drawing noise from one generator
+    g = torch.Generator().manual_seed(9)
+    c = ddim_sample(short, model, x.shape, x_T=x.clone(), eta=eta, generator=g, progress_bar=False)
+    g, d = torch.Generator().manual_seed(9), x.clone()
+    for i in range(K):
+        d = ddim_step(short, model, d, K - 1 - i, eta=eta, generator=g)
+    assert torch.equal(c, d)
+
+
+def test_ddim_with_eta_1_is_the_ddpm_step():
+    torch.manual_seed(0)
+    model = StandIn(learned=False).double()
+    for d in (GaussianDiffusion(linear_beta_schedule(100)),
+              respace(ImprovedDiffusion(cosine_beta_schedule(100), variance_type="fixed_small"), [0, 9, 40, 99])):
+        x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+        for t in range(d.T):
+            a = ddim_step(d, model, x, t, eta=1.0, generator=torch.Generator().manual_seed(t))
+            b = d.p_sample(model, x, t, generator=torch.Generator().manual_seed(t))
+            assert (a - b).abs().max() < 1e-12, t
+    # eta = 0 draws nothing: the same x_T gives the same sample for any generator
+    z = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    s1, s2 = (ddim_sample(d, model, z.shape, x_T=z, generator=torch.Generator().manual_seed(s), progress_bar=False)
+              for s in (0, 1))
+    assert torch.equal(s1, s2)
+
+
+def test_model_kwargs_reach_the_model_in_every_path():
+    """Conditioning flows through the hybrid loss, the NLL, DDIM, the respaced ancestral sampler and the loop."""
+    seen = []
+
+    class Conditional(StandIn):
+        def forward(self, x, t, *, label):
+            seen.append(label)
+            return super().forward(x, t) * label.view(-1, 1, 1, 1).to(x.dtype)
+
+    torch.manual_seed(0)
+    model = Conditional()
+    d = ImprovedDiffusion(cosine_beta_schedule(10))
+    x0, label = _images(2).float(), torch.tensor([1.0, 2.0])
+    kw = {"label": label}
+    hybrid_loss(d, model, x0, generator=torch.Generator().manual_seed(0), model_kwargs=kw)
+    nll_bpd(d, model, x0, t_samples=2, exact_first=1, generator=torch.Generator().manual_seed(0), model_kwargs=kw)
+    short = respace(d, [0, 4, 9])
+    short.sample(model, x0.shape, generator=torch.Generator().manual_seed(0), progress_bar=False, model_kwargs=kw)
+    ddim_sample(short, model, x0.shape, generator=torch.Generator().manual_seed(0), progress_bar=False,
+                model_kwargs=kw)
+    assert len(seen) == 1 + 3 + 3 + 3 and all(s is label for s in seen)
+    with pytest.raises(TypeError):
+        hybrid_loss(d, model, x0, generator=torch.Generator().manual_seed(0))

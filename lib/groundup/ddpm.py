@@ -6,13 +6,14 @@
 import copy
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from groundup.checkpoint import load_checkpoint, save_checkpoint
-from groundup.runtime import autocast, batch_indices, progress
+from groundup.runtime import autocast, batch_indices, progress, sync
 
 
 # %% notebooks/15_ddpm_mnist.ipynb, cell 6
@@ -20,14 +21,17 @@ def extract(a: torch.Tensor, t: torch.Tensor, shape) -> torch.Tensor:
     """a[t] for a batch of timesteps t (B,), reshaped to (B, 1, 1, ...) so that it broadcasts against `shape`.
 
     `a` is a 1-D schedule tensor (float64 in GaussianDiffusion); the result is on t's device. Cast it to
-    the data's dtype where it meets the data (GaussianDiffusion does)."""
+    the data's dtype where it meets the data (GaussianDiffusion does). The range of t is checked where t
+    lives on the CPU: on a GPU, reading t.min() back would stall the device at every call (there an
+    index out of range still fails, in the indexing kernel)."""
     t = torch.as_tensor(t)
     if t.dim() == 0:
         t = t.expand(shape[0])
     if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"timesteps must be integers in 0..{len(a) - 1}, got dtype {t.dtype}")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= len(a)):
-        raise IndexError(f"timesteps must lie in 0..{len(a) - 1} (0-based), got {int(t.min())}..{int(t.max())}")
+    if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= len(a)):
+        raise IndexError(f"timesteps must lie in 0..{len(a) - 1} (0-based), "
+                         f"got {int(t.min())}..{int(t.max())}")
     out = a.to(t.device)[t.long()]
     return out.reshape(t.shape[0], *([1] * (len(shape) - 1)))
 
@@ -42,18 +46,39 @@ def linear_beta_schedule(T: int = 1000, beta_start: float = 1e-4, beta_end: floa
 
 
 # %% notebooks/15_ddpm_mnist.ipynb, cell 11
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")      # diffusers' names: eps, x_0, v
+
+
+def clip_bound(clip_x0) -> float | None:
+    """The clipping of the predicted x_0 as a bound c (x0_hat is clamped to [-c, c]) or None (no clipping).
+    1.0 is the data range of images scaled to [-1, 1]; latents (chapter 19) use None. True means 1.0."""
+    if clip_x0 is None or clip_x0 is False:
+        return None
+    if clip_x0 is True:
+        return 1.0
+    if not clip_x0 > 0:
+        raise ValueError(f"clip_x0 must be a positive bound or None (no clipping), got {clip_x0}")
+    return float(clip_x0)
+
+
 class GaussianDiffusion:
     """The forward process q, its posterior, and the reverse process p_theta of DDPM (Ho et al. 2020).
 
     Timesteps in code are 0-based, t in {0, ..., T-1}: code t is the paper's t + 1. All schedule
     tensors are float64 on the CPU; `extract` gathers them, and they are cast to the data's dtype
-    at the point of use. `model(x_t, t)` returns the predicted noise eps_theta(x_t, t).
+    at the point of use. The network is called as `model(x_t, t, **model_kwargs)`: conditioning
+    (class labels, context) travels in `model_kwargs`. Its output is the noise eps_theta(x_t, t) with
+    prediction_type="epsilon" (Ho et al.), or x_0 ("sample"), or v = sqrt(alpha_bar) eps -
+    sqrt(1 - alpha_bar) x_0 ("v_prediction"); every method takes the type, by default the object's.
     """
 
-    def __init__(self, betas: torch.Tensor):
+    def __init__(self, betas: torch.Tensor, prediction_type: str = "epsilon"):
         betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
         if betas.dim() != 1 or not ((betas > 0) & (betas < 1)).all():
             raise ValueError("betas must be a 1-D tensor of values in (0, 1), e.g. linear_beta_schedule(1000)")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        self.prediction_type = prediction_type
         self.T = len(betas)
         self.betas = betas
         self.alphas = 1.0 - betas                                            # alpha_t = 1 - beta_t
@@ -82,6 +107,15 @@ class GaussianDiffusion:
             cache[key] = (a, a.to(x.device, torch.float32 if x.device.type == "mps" else a.dtype))
         return extract(cache[key][1], t, x.shape).to(x.dtype)
 
+    def run_model(self, model, xt: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None = None):
+        """The network at (x_t, t): model(x_t, t, **model_kwargs). Every method calls the model here, so
+        conditioning reaches it unchanged (chapter 17's respaced chains also change the t it sees, here)."""
+        return model(xt, t, **(model_kwargs or {}))
+
+    def split_output(self, model_output: torch.Tensor, x: torch.Tensor):
+        """(prediction, extra): the network's prediction and any extra channels (chapter 17's variance)."""
+        return model_output, None
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Eq. (4) reparameterized: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
         return self._get(self.sqrt_alpha_bar, t, x0) * x0 + self._get(self.sqrt_one_minus_alpha_bar, t, x0) * noise
@@ -95,41 +129,89 @@ class GaussianDiffusion:
         """Eq. (4) solved for x_0: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
         return self._get(self.sqrt_recip_alpha_bar, t, xt) * xt - self._get(self.sqrt_recipm1_alpha_bar, t, xt) * eps
 
-    def p_mean_variance(self, model, xt: torch.Tensor, t: torch.Tensor, clip_x0: bool = True) -> dict:
-        """The reverse step's Gaussian p_theta(x_{t-1} | x_t) with sigma_t^2 = beta_tilde_t (diffusers' "fixed_small").
+    def predict_eps_from_x0(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Eq. (4) solved for eps: eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1)."""
+        return ((self._get(self.sqrt_recip_alpha_bar, t, xt) * xt - x0)
+                / self._get(self.sqrt_recipm1_alpha_bar, t, xt))
 
-        The mean is the posterior mean (7) at the predicted x_0; without clipping this equals Algorithm 2's
-        1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta). With `clip_x0` the predicted x_0
-        is clamped to the data range [-1, 1] first (Ho et al.'s code and diffusers' clip_sample=True)."""
-        eps = model(xt, t)
-        x0 = self.predict_x0_from_eps(xt, t, eps)
-        if clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
+    def training_target(self, x0, noise, t, prediction_type: str | None = None) -> torch.Tensor:
+        """What the network learns to output: eps (eq. 14), x_0, or v = sqrt(ab) eps - sqrt(1 - ab) x_0."""
+        kind = prediction_type or self.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "sample":
+            return x0
+        if kind == "v_prediction":
+            return self._get(self.sqrt_alpha_bar, t, x0) * noise - self._get(self.sqrt_one_minus_alpha_bar, t, x0) * x0
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {kind!r}")
+
+    def x0_and_eps(self, prediction, xt, t, prediction_type: str | None = None, clip_x0=None):
+        """(x0_hat, eps_hat) from the network's prediction, by eq. (4) for each prediction type; with
+        `clip_x0` (see clip_bound) x0_hat is clamped and eps_hat is the noise consistent with the clamped x0_hat."""
+        kind = prediction_type or self.prediction_type
+        if kind == "epsilon":
+            x0, eps = self.predict_x0_from_eps(xt, t, prediction), prediction
+        elif kind == "sample":
+            x0, eps = prediction, None
+        elif kind == "v_prediction":
+            a, s = self._get(self.sqrt_alpha_bar, t, xt), self._get(self.sqrt_one_minus_alpha_bar, t, xt)
+            x0, eps = a * xt - s * prediction, s * xt + a * prediction
+        else:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {kind!r}")
+        bound = clip_bound(clip_x0)
+        if bound is not None:
+            x0 = x0.clamp(-bound, bound)
+        if eps is None or bound is not None:
+            eps = self.predict_eps_from_x0(xt, t, x0)
+        return x0, eps
+
+    def p_from_output(self, model_output, xt, t, clip_x0=1.0, prediction_type: str | None = None) -> dict:
+        """p_theta(x_{t-1} | x_t) from the network's output, sigma_t^2 = beta_tilde_t (diffusers' "fixed_small").
+
+        The mean is the posterior mean (7) at the predicted x_0; for eps-prediction without clipping this
+        equals Algorithm 2's 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta). With `clip_x0`
+        = c the predicted x_0 is clamped to [-c, c] first: c = 1 is the data range of images (Ho et al.'s code,
+        diffusers' clip_sample=True); None does not clip (data such as latents that are not in [-1, 1])."""
+        prediction, _ = self.split_output(model_output.to(xt.dtype), xt)
+        x0, eps = self.x0_and_eps(prediction, xt, t, prediction_type, clip_x0)
         mean, variance, log_variance = self.q_posterior(x0, xt, t)
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "x0": x0, "eps": eps}
 
+    def p_mean_variance(self, model, xt, t, clip_x0=1.0, model_kwargs: dict | None = None,
+                        prediction_type: str | None = None) -> dict:
+        """Run the network at (x_t, t) and return p_theta(x_{t-1} | x_t) (see p_from_output)."""
+        out = self.run_model(model, xt, t, model_kwargs)
+        return self.p_from_output(out, xt, t, clip_x0=clip_x0, prediction_type=prediction_type)
+
     @torch.no_grad()
-    def p_sample(self, model, xt: torch.Tensor, t, generator=None, clip_x0: bool = True) -> torch.Tensor:
+    def p_sample(self, model, xt: torch.Tensor, t, generator=None, clip_x0=1.0, model_kwargs: dict | None = None,
+                 prediction_type: str | None = None) -> torch.Tensor:
         """Algorithm 2, lines 3-4, for one timestep t (an int or a (B,) tensor): x_{t-1} = mu_theta + sigma_t z,
         z ~ N(0, I) drawn from `generator`, and z = 0 at the last step (code t = 0, the paper's t = 1)."""
         if not torch.is_tensor(t):
             t = torch.full((xt.shape[0],), int(t), device=xt.device, dtype=torch.long)
-        out = self.p_mean_variance(model, xt, t, clip_x0=clip_x0)
+        out = self.p_mean_variance(model, xt, t, clip_x0, model_kwargs, prediction_type)
         z = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)        # line 3
         nonzero = (t != 0).to(xt.dtype).reshape(-1, *([1] * (xt.dim() - 1)))                    # line 3: z = 0 if t = 1
         return out["mean"] + nonzero * out["variance"].sqrt() * z                               # line 4
 
     @torch.no_grad()
-    def sample(self, model, shape, *, generator=None, device="cpu", return_trajectory_every: int | None = None,
-               progress_bar: bool = True, clip_x0: bool = True):
-        """Algorithm 2: x_T ~ N(0, I), then T reverse steps. Returns x_0, or (x_0, trajectory) where trajectory
-        is a list of (s, x_s) in the paper's indexing (s = T is the noise, s = 0 the sample), taken every
-        `return_trajectory_every` steps, on the CPU."""
-        x = torch.randn(shape, generator=generator, device=device)                                # line 1
-        trajectory = [(self.T, x.cpu())]
+    def sample(self, model, shape, *, generator=None, device="cpu", x_T: torch.Tensor | None = None,
+               return_trajectory_every: int | None = None, progress_bar: bool = True, clip_x0=1.0,
+               model_kwargs: dict | None = None, prediction_type: str | None = None):
+        """Algorithm 2: x_T ~ N(0, I) (or the given `x_T`), then T reverse steps. Returns x_0, or (x_0, trajectory)
+        where trajectory is a list of (s, x_s) in the paper's indexing (s = T is the noise, s = 0 the sample),
+        taken every `return_trajectory_every` steps, on the CPU."""
+        if x_T is None:
+            x = torch.randn(shape, generator=generator, device=device)                           # line 1
+        elif tuple(x_T.shape) != tuple(shape):
+            raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+        else:
+            x = x_T
+        trajectory = [(self.T, x.cpu())] if return_trajectory_every else []
         steps = range(self.T - 1, -1, -1)                                                         # line 2: t = T..1
         for t in (progress(steps, desc="sampling (Algorithm 2)", total=self.T) if progress_bar else steps):
-            x = self.p_sample(model, x, t, generator=generator, clip_x0=clip_x0)                  # lines 3-4
+            x = self.p_sample(model, x, t, generator, clip_x0, model_kwargs, prediction_type)    # lines 3-4
             if return_trajectory_every and t % return_trajectory_every == 0 and t > 0:
                 trajectory.append((t, x.cpu()))    # after code step t we hold the paper's x_t
         if return_trajectory_every:
@@ -137,18 +219,21 @@ class GaussianDiffusion:
             return x, trajectory
         return x                                                                                  # line 6
 
-    def training_loss(self, model, x0: torch.Tensor, generator=None, *, t=None, noise=None) -> torch.Tensor:
+    def training_loss(self, model, x0: torch.Tensor, generator=None, *, t=None, noise=None,
+                      model_kwargs: dict | None = None, prediction_type: str | None = None) -> torch.Tensor:
         """Algorithm 1, lines 2-5: t ~ Uniform, eps ~ N(0, I), loss = ||eps - eps_theta(x_t, t)||^2 (eq. 14),
-        averaged over the pixels and the batch. `t` and `noise` can be given (for tests)."""
+        averaged over the pixels and the batch (for x_0- or v-prediction, the distance to that target).
+        `t` and `noise` can be given (for tests)."""
         if t is None:
             t = torch.randint(0, self.T, (x0.shape[0],), generator=generator, device=x0.device)   # line 3
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # line 4
         xt = self.q_sample(x0, t, noise)
-        return F.mse_loss(model(xt, t).float(), noise.float())                                   # line 5
+        target = self.training_target(x0, noise, t, prediction_type)
+        return F.mse_loss(self.run_model(model, xt, t, model_kwargs).float(), target.float())  # line 5
 
 
-# %% notebooks/15_ddpm_mnist.ipynb, cell 24
+# %% notebooks/15_ddpm_mnist.ipynb, cell 26
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """(B,) integer timesteps -> (B, dim) features [sin(t w_0), ..., sin(t w_{h-1}), cos(t w_0), ...] with
     w_i = max_period^(-i / h), h = dim / 2: the Transformer's position encoding, used for the time t.
@@ -222,7 +307,7 @@ class TinyUNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))                       # (B, 1, 28, 28): eps_theta
 
 
-# %% notebooks/15_ddpm_mnist.ipynb, cell 27
+# %% notebooks/15_ddpm_mnist.ipynb, cell 29
 class EMA:
     """An exponential moving average of a model's weights: theta_ema <- d theta_ema + (1 - d) theta.
 
@@ -244,11 +329,15 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """ema = d ema + (1 - d) p for every parameter, in one call (the loop written out is in the text)."""
         d = self.current_decay()
-        for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1.0 - d)              # ema = d ema + (1 - d) p
-        for ema_b, b in zip(self.model.buffers(), model.buffers()):
-            ema_b.copy_(b)                                # buffers (e.g. batch-norm statistics) are copied
+        ema_params, params = list(self.model.parameters()), [p.detach() for p in model.parameters()]
+        ema_buffers, buffers = list(self.model.buffers()), list(model.buffers())
+        if len(ema_params) != len(params) or len(ema_buffers) != len(buffers):
+            raise ValueError("the model does not have the shadow model's parameters and buffers")
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)    # ema + (1 - d) (p - ema), every tensor at once
+        if buffers:
+            torch._foreach_copy_(ema_buffers, buffers)        # buffers (e.g. batch-norm statistics) are copied
         self.num_updates += 1
 
     @torch.no_grad()
@@ -266,7 +355,7 @@ class EMA:
         self.model.load_state_dict(state["model"])
 
 
-# %% notebooks/15_ddpm_mnist.ipynb, cell 31
+# %% notebooks/15_ddpm_mnist.ipynb, cell 33
 def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> torch.Tensor:
     """(N, C, H, W) images in [-1, 1] -> one (H', W', C) array in [0, 1] for plt.imshow, nrow images per row."""
     n, c, h, w = images.shape
@@ -278,49 +367,96 @@ def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> torch.Tenso
     return grid.permute(1, 2, 0).squeeze(-1) if c == 1 else grid.permute(1, 2, 0)
 
 
-# %% notebooks/15_ddpm_mnist.ipynb, cell 34
-def train_diffusion(model: nn.Module, ema: EMA, diffusion: GaussianDiffusion, images: torch.Tensor, *, steps: int,
-                    batch_size: int, lr: float, seed: int, warmup: int = 0, grad_clip: float | None = 1.0,
-                    checkpoint=None, save_every: int = 500, device="cpu") -> dict:
+# %% notebooks/15_ddpm_mnist.ipynb, cell 36
+def train_diffusion(model: nn.Module, diffusion: GaussianDiffusion, images: torch.Tensor, *, steps: int,
+                    batch_size: int, lr: float, seed: int = 0, warmup: int = 0, grad_clip: float | None = 1.0,
+                    ema: EMA | None = None, ema_decay: float = 0.999, ema_warmup: bool = False,
+                    flip: bool = False, model_kwargs: dict | None = None, checkpoint=None,
+                    save_every: int = 500, device="cpu", compile: bool = False,
+                    channels_last: bool = False) -> dict:
     """Algorithm 1 with Adam, a linear learning-rate warm-up, gradient clipping and an EMA of the weights.
 
-    `images` (N, C, H, W) in [-1, 1]. The batch of step k comes from `batch_indices` and the t and eps of
-    step k from a generator seeded by (seed, k), so a run resumed from `checkpoint` (model, EMA, optimizer,
-    history) ends with exactly the weights of a run that never stopped. Returns {"loss": [(step, loss)], ...}."""
-    if images.dim() != 4 or images.min() < -1 - 1e-6 or images.max() > 1 + 1e-6:
-        raise ValueError("images must be a (N, C, H, W) tensor scaled to [-1, 1] (x / 127.5 - 1 for uint8 pixels)")
+    `images` (N, C, H, W): the data, any real values (pixels in [-1, 1], or latents). `model_kwargs`: per-example
+    conditioning, tensors of N rows (e.g. {"class_labels": labels}), indexed with the batch and passed to the
+    model as keyword arguments. `flip` mirrors each image left-right with probability 1/2 (chapter 16). The
+    batch of step k comes from `batch_indices`, and the flips, t and eps of step k from a generator seeded by
+    (seed, k); dropout draws from the global generator, whose state the checkpoint keeps. So a run resumed from
+    `checkpoint` (model, EMA, optimizer, history) ends with exactly the weights of one that never stopped.
+    On a GPU: bf16 autocast, optionally channels-last memory and torch.compile; the losses are copied to the
+    host every 100 steps, not every step. Returns {"loss": [(step, loss)], "ema": EMA, "train_seconds": float,
+    "images_per_s": float}."""
+    if images.dim() != 4:
+        raise ValueError(f"images must be a (N, C, H, W) tensor, got shape {tuple(images.shape)}")
+    n = len(images)
+    model_kwargs = dict(model_kwargs or {})
+    for name, value in model_kwargs.items():
+        if not torch.is_tensor(value) or len(value) != n:
+            raise ValueError(f"model_kwargs[{name!r}] must be a tensor with one row per image ({n})")
     device = torch.device(device)
     model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    ema = ema if ema is not None else EMA(model, decay=ema_decay, warmup=ema_warmup)
     ema.model.to(device)
-    both = nn.ModuleDict({"model": model, "ema": ema.model})                  # one checkpoint for both
+    forward = torch.compile(model) if compile else model
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    both = nn.ModuleDict({"model": model, "ema": ema.model})                  # one checkpoint for both
     start, history, seconds = 0, [], 0.0
-    if checkpoint is not None and checkpoint.exists():
+    if checkpoint is not None and Path(checkpoint).exists():
         start, extra = load_checkpoint(checkpoint, both, opt)
-        history, seconds = [tuple(h) for h in extra["history"]], extra["train_seconds"]
-        ema.num_updates = extra["ema_updates"]
+        history, ema.num_updates = [tuple(h) for h in extra["history"]], extra["ema_updates"]
+        seconds = extra.get("train_seconds", extra.get("seconds", 0.0))
     images = images.to(device)
+    model_kwargs = {name: value.to(device) for name, value in model_kwargs.items()}
     model.train()
-    t_start = time.perf_counter() - seconds
+    pending = []                                                            # losses not yet copied to the host
+
+    def flush():                                                            # one device-to-host copy per flush
+        if pending:
+            values = torch.stack([loss for _, loss in pending]).tolist()
+            history.extend((s, v) for (s, _), v in zip(pending, values))
+            pending.clear()
+
+    steps_per_epoch, perm, perm_epoch = n // batch_size, None, None
+    t0 = time.perf_counter()
     bar = progress(range(start, steps), desc="training (Algorithm 1)", initial=start, total=steps)
-    for step in bar:                                                            # Algorithm 1, line 1: repeat
+    for step in bar:                                                        # Algorithm 1, line 1: repeat
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
-        x0 = images[batch_indices(len(images), batch_size, step, seed).to(device)]   # line 2: x_0 ~ q(x_0)
-        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 1)  # lines 3-4 draw from g
+        epoch, i = divmod(step, steps_per_epoch)
+        if epoch != perm_epoch:        # batch_indices' permutation of this epoch, copied to the device once
+            perm = batch_indices(n, steps_per_epoch * batch_size, epoch, seed).to(device)
+            perm_epoch = epoch
+        idx = perm[i * batch_size:(i + 1) * batch_size]          # = batch_indices(n, batch_size, step, seed)
+        x0 = images[idx]                                                      # line 2: x_0 ~ q(x_0)
+        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 1)  # flips, lines 3-4 from g
+        if flip:
+            flips = torch.rand(x0.shape[0], generator=g, device=device) < 0.5
+            x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)   # random horizontal flips
+        if channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        cond = {name: value[idx] for name, value in model_kwargs.items()}
         with autocast(device):
-            loss = diffusion.training_loss(model, x0, generator=g)                  # lines 3-5
+            loss = diffusion.training_loss(forward, x0, generator=g, model_kwargs=cond)   # lines 3-5
         opt.zero_grad(set_to_none=True)
-        loss.backward()                                                             # line 5: gradient step
+        loss.backward()                                                     # line 5: gradient step
         if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)   # foreach on a GPU
         opt.step()
         ema.update(model)
-        history.append((step, loss.item()))
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        pending.append((step, loss.detach()))
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            flush()
+            bar.set_postfix(loss=f"{history[-1][1]:.4f}")
         if checkpoint is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
+            flush()
+            sync(device)
             save_checkpoint(checkpoint, both, opt, step=step + 1,
                             extra={"history": history, "ema_updates": ema.num_updates,
-                                   "train_seconds": time.perf_counter() - t_start})
-    return {"loss": history, "train_seconds": time.perf_counter() - t_start}
+                                   "train_seconds": seconds + time.perf_counter() - t0})
+    flush()
+    sync(device)
+    seconds += time.perf_counter() - t0
+    done = steps - start
+    return {"loss": history, "ema": ema, "train_seconds": seconds,
+            "images_per_s": done * batch_size / max(time.perf_counter() - t0, 1e-9) if done else float("nan")}

@@ -2,7 +2,7 @@
 # edit the notebook's `#| export` cells, then run `make export`.
 
 
-# %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 29
+# %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 31
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -13,9 +13,10 @@ from groundup.cnn import (CifarClassifier, Recipe, cifar10_tensors, extract_feat
 from groundup.runtime import get_profile
 
 
-# %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 30
+# %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 32
 def _as_float64(a) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a, dtype=torch.float64).cpu()
+    """a as a float64 tensor on the CPU: moved there first (Apple's MPS has no float64)"""
+    return torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a).cpu().to(torch.float64)
 
 
 def symmetric_sqrt(sigma) -> torch.Tensor:
@@ -48,7 +49,7 @@ def feature_statistics(features) -> tuple[torch.Tensor, torch.Tensor]:
     return mu, centered.T @ centered / (f.shape[0] - 1)
 
 
-# %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 34
+# %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 36
 def _quick_classifier_settings(profile: str | None = None, n_train=None, epochs=None, widths=None):
     """(n_train, epochs, widths) of the quick classifier: the given values, else the profile's defaults"""
     full = (profile or get_profile()) == "full"    # small on a CPU, chapter 03's size on a GPU
@@ -128,7 +129,7 @@ def fd_cifar_classifier(images, reference_images_or_stats, classifier=None) -> f
     return frechet_distance(mu1, s1, mu2, s2)
 
 
-# %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 35
+# %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 37
 def load_inception(device="cpu"):
     """The FID network, pytorch-fid's InceptionV3: pool3 (2048-d), bilinear resize to 299, [0, 1] -> [-1, 1]"""
     try:
@@ -149,7 +150,8 @@ def load_inception(device="cpu"):
 def inception_features(images: torch.Tensor, model, batch_size: int = 200) -> torch.Tensor:
     """(N, 2048) pool3 features (float64, CPU) of images in [0, 1]"""
     device = next(model.parameters()).device
-    feats = [model(xb.to(device))[0].flatten(1).double().cpu() for xb in _check_images(images).split(batch_size)]
+    feats = [model(xb.to(device))[0].flatten(1).cpu().double()          # float64 on the CPU (not on MPS)
+             for xb in _check_images(images).split(batch_size)]
     return torch.cat(feats)
 
 

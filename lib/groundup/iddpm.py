@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from groundup.ddpm import GaussianDiffusion
-from groundup.runtime import autocast
+from groundup.runtime import autocast, progress
 
 
 # %% notebooks/17_improved_ddpm.ipynb, cell 7
@@ -40,16 +40,17 @@ VARIANCE_TYPES = ("learned_range", "fixed_small", "fixed_large")
 class ImprovedDiffusion(GaussianDiffusion):
     """Chapter 15's GaussianDiffusion with Improved DDPM's additions (Nichol & Dhariwal 2021):
 
-    - `variance_type`: "learned_range" (the model returns 2C channels, eps and v, and Sigma = eq. (6)),
+    - `variance_type`: "learned_range" (the model returns 2C channels, the prediction and v, and Sigma = eq. (6)),
       "fixed_small" (sigma_t^2 = beta_tilde_t, chapter 15's sampler) or "fixed_large" (sigma_t^2 = beta_t);
     - the VLB terms in bits/dim (`vlb_terms`, `prior_bpd`, `nll_bpd`), the hybrid loss (`training_loss`);
     - respacing to fewer steps (`respace`): `timestep_map[i]` is the original timestep the model is shown at
       step i of this (possibly shortened) chain.
+    Fixed variances stay (B, 1, 1, 1): one number per image, broadcast where they meet the data.
     """
 
     def __init__(self, betas: torch.Tensor, variance_type: str = "learned_range", lambda_vlb: float = 0.001,
-                 timestep_map: torch.Tensor | None = None):
-        super().__init__(betas)
+                 timestep_map: torch.Tensor | None = None, prediction_type: str = "epsilon"):
+        super().__init__(betas, prediction_type)
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
         self.variance_type, self.lambda_vlb = variance_type, lambda_vlb
@@ -61,12 +62,20 @@ class ImprovedDiffusion(GaussianDiffusion):
         self.log_betas_clipped = torch.log(torch.cat([self.posterior_variance[1:2], self.betas[1:]]))
         self.log_betas = torch.log(self.betas)
 
+    def run_model(self, model, xt, t, model_kwargs: dict | None = None):
+        """As chapter 15's, but the model sees the original timestep timestep_map[t] (the identity unless respaced)."""
+        cache = self.__dict__.setdefault("_device_cache", {})
+        key = (id(self.timestep_map), t.device)
+        if key not in cache or cache[key][0] is not self.timestep_map:      # one copy per device, not per call
+            cache[key] = (self.timestep_map, self.timestep_map.to(t.device))
+        return model(xt, cache[key][1][t], **(model_kwargs or {}))
+
     def _variance(self, model_var_output, t, x):
-        """Sigma_theta(x_t, t) as (variance, log_variance), each broadcastable to x."""
+        """Sigma_theta(x_t, t) as (variance, log_variance): (B, 1, 1, 1) when fixed, x's shape when learned."""
         if self.variance_type == "fixed_small":                            # sigma^2 = beta_tilde_t
-            log_var = self._get(self.posterior_log_variance_clipped, t, x).expand_as(x)
+            log_var = self._get(self.posterior_log_variance_clipped, t, x)
         elif self.variance_type == "fixed_large":                          # sigma^2 = beta_t
-            log_var = self._get(self.log_betas_clipped, t, x).expand_as(x)
+            log_var = self._get(self.log_betas_clipped, t, x)
         else:                                                              # eq. (6)
             min_log = self._get(self.posterior_log_variance_clipped, t, x)  # log beta_tilde_t
             max_log = self._get(self.log_betas, t, x)                # log beta_t
@@ -75,7 +84,7 @@ class ImprovedDiffusion(GaussianDiffusion):
         return torch.exp(log_var), log_var
 
     def split_output(self, model_output: torch.Tensor, x: torch.Tensor):
-        """(eps, y): the noise prediction and, for learned variance, the raw variance output (None otherwise)."""
+        """(prediction, y): the eps (or x_0, v) prediction and, for learned variance, the raw variance output."""
         C = x.shape[1]
         if self.variance_type == "learned_range":
             if model_output.shape[1] != 2 * C:
@@ -87,29 +96,22 @@ class ImprovedDiffusion(GaussianDiffusion):
                              f"{model_output.shape[1]} (a learned-variance model needs variance_type='learned_range')")
         return model_output, None
 
-    def p_from_output(self, model_output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip_x0: bool = True) -> dict:
+    def p_from_output(self, model_output, xt, t, clip_x0=1.0, prediction_type: str | None = None) -> dict:
         """p_theta(x_{t-1} | x_t) from the network's output: mean eq. (7), variance eq. (6) or fixed."""
-        model_output = model_output.to(xt.dtype)
-        eps, y = self.split_output(model_output, xt)
-        x0 = self.predict_x0_from_eps(xt, t, eps)                           # x_0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)
-        if clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
+        prediction, y = self.split_output(model_output.to(xt.dtype), xt)
+        x0, eps = self.x0_and_eps(prediction, xt, t, prediction_type, clip_x0)   # x_0 from eq. (4), clipped
         mean, _, _ = self.q_posterior(x0, xt, t)                            # eq. (7): mu_theta = mu_tilde(x0_hat, x_t)
         variance, log_variance = self._variance(y, t, xt)
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "x0": x0, "eps": eps}
 
-    def p_mean_variance(self, model, xt: torch.Tensor, t: torch.Tensor, clip_x0: bool = True) -> dict:
-        """As chapter 15's, for all three variance types; the model sees the original timestep timestep_map[t]."""
-        if not torch.is_tensor(t):
-            t = torch.full((xt.shape[0],), int(t), device=xt.device, dtype=torch.long)
-        out = model(xt, self.timestep_map.to(t.device)[t])
-        return self.p_from_output(out, xt, t, clip_x0=clip_x0)
-
-    def training_loss(self, model, x0: torch.Tensor, generator=None, *, t=None, noise=None) -> torch.Tensor:
+    def training_loss(self, model, x0: torch.Tensor, generator=None, *, t=None, noise=None,
+                      model_kwargs: dict | None = None, prediction_type: str | None = None) -> torch.Tensor:
         """L_hybrid (eq. 14, `hybrid_loss` in section 5) for a learned variance; chapter 15's L_simple otherwise."""
         if self.variance_type == "learned_range":
-            return hybrid_loss(self, model, x0, generator=generator, t=t, noise=noise)["loss"]
-        return super().training_loss(model, x0, generator=generator, t=t, noise=noise)
+            return hybrid_loss(self, model, x0, generator=generator, t=t, noise=noise, model_kwargs=model_kwargs,
+                               prediction_type=prediction_type)["loss"]
+        return super().training_loss(model, x0, generator=generator, t=t, noise=noise, model_kwargs=model_kwargs,
+                                     prediction_type=prediction_type)
 
 
 # %% notebooks/17_improved_ddpm.ipynb, cell 19
@@ -123,8 +125,9 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
 def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
     """Eq. (10)-(11): log p(x) per element, in nats, of the 8-bit decoder: x holds pixel values k in {0..255} scaled
     to [-1, 1] (x = k / 127.5 - 1); the bin of x is [x - 1/255, x + 1/255], widened to -inf at x = -1 and to +inf
-    at x = 1, and its probability is the mass of N(mean, exp(log_scale)^2) on that bin."""
-    if x.min() < -1 - 1e-6 or x.max() > 1 + 1e-6:
+    at x = 1, and its probability is the mass of N(mean, exp(log_scale)^2) on that bin. The range of x is checked
+    on the CPU (on a GPU, reading x.min() back would stall every training step of the hybrid loss)."""
+    if x.device.type == "cpu" and (x.min() < -1 - 1e-6 or x.max() > 1 + 1e-6):
         raise ValueError("x must be 8-bit pixel values scaled to [-1, 1] (x = k / 127.5 - 1)")
     inv_std = torch.exp(-log_scale)
     upper = (x - mean + 1 / 255) * inv_std                           # standardized upper edge of the bin
@@ -148,11 +151,11 @@ def _mean_over_dims(x: torch.Tensor) -> torch.Tensor:
 
 
 def vlb_terms(diffusion: ImprovedDiffusion, model_output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor,
-              t: torch.Tensor, clip_x0: bool = False) -> torch.Tensor:
+              t: torch.Tensor, clip_x0=None, prediction_type: str | None = None) -> torch.Tensor:
     """L_t of eq. (2) for each example, in bits per dimension: the KL (eq. 9) between the posterior
     q(x_{t-1} | x_t, x_0) and p_theta(x_{t-1} | x_t) for t > 0, and the decoder NLL -log p_theta(x_0 | x_1)
     (eq. 10-11) at t = 0 (code timesteps). Returns a (B,) tensor."""
-    p = diffusion.p_from_output(model_output, xt, t, clip_x0=clip_x0)
+    p = diffusion.p_from_output(model_output, xt, t, clip_x0=clip_x0, prediction_type=prediction_type)
     true_mean, _, true_log_var = diffusion.q_posterior(x0, xt, t)
     kl = _mean_over_dims(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"])) / LOG2
     decoder_nll = -_mean_over_dims(discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"])) / LOG2
@@ -163,18 +166,20 @@ def prior_bpd(diffusion: GaussianDiffusion, x0: torch.Tensor) -> torch.Tensor:
     """L_T of eq. (12): KL( q(x_T | x_0) || N(0, I) ) per example, in bits per dimension. No parameters."""
     t = torch.full((x0.shape[0],), diffusion.T - 1, device=x0.device, dtype=torch.long)
     mean = diffusion._get(diffusion.sqrt_alpha_bar, t, x0) * x0
-    log_var = torch.log(diffusion._get(1.0 - diffusion.alpha_bar, t, x0))
+    log_var = 2 * torch.log(diffusion._get(diffusion.sqrt_one_minus_alpha_bar, t, x0))   # log(1 - alpha_bar_T)
     return _mean_over_dims(normal_kl(mean, log_var, torch.zeros_like(x0), torch.zeros_like(x0))) / LOG2
 
 
 @torch.no_grad()
 def nll_bpd(diffusion: ImprovedDiffusion, model, x0: torch.Tensor, *, t_samples: int | None = None,
-            exact_first: int = 0, generator=None, clip_x0: bool = True) -> dict:
+            exact_first: int = 0, generator=None, clip_x0=1.0, model_kwargs: dict | None = None,
+            prediction_type: str | None = None) -> dict:
     """Negative log-likelihood bound L_vlb (eq. 2) in bits/dim (eq. 13) for each image of x0 (B, C, H, W) in [-1, 1].
 
     t_samples=None: the sum over all T terms plus the prior term L_T (T forward passes per image).
     t_samples=k: the unbiased estimate of eq. (16): L_T, plus the first `exact_first` terms exactly, plus
     (T - exact_first) times the mean of L_t over k timesteps drawn uniformly from the others.
+    The terms stay on the device until the end; the sums are float64 on the CPU (MPS has no float64).
     Returns {"bpd": (B,), "prior": (B,), "terms": (B, T) or None (the per-t terms of the full sum), "t": timesteps}."""
     B, T = x0.shape[0], diffusion.T
     if t_samples is None:
@@ -185,15 +190,16 @@ def nll_bpd(diffusion: ImprovedDiffusion, model, x0: torch.Tensor, *, t_samples:
         first = torch.arange(exact_first, device=x0.device).expand(B, exact_first)
         rest = torch.randint(exact_first, T, (B, t_samples), generator=generator, device=x0.device)
         ts = torch.cat([first, rest], dim=1)
-    terms = torch.empty(ts.shape, dtype=torch.float64)
+    columns = []
     for j in range(ts.shape[1]):
         t = ts[:, j].contiguous()
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         xt = diffusion.q_sample(x0, t, noise)
         with autocast(x0.device):
-            out = model(xt, diffusion.timestep_map.to(t.device)[t])
-        terms[:, j] = vlb_terms(diffusion, out.float(), x0, xt, t, clip_x0=clip_x0).double().cpu()
-    prior = prior_bpd(diffusion, x0).double().cpu()
+            out = diffusion.run_model(model, xt, t, model_kwargs)
+        columns.append(vlb_terms(diffusion, out.float(), x0, xt, t, clip_x0, prediction_type))
+    terms = torch.stack(columns, dim=1).cpu().double()          # to the CPU first, then float64
+    prior = prior_bpd(diffusion, x0).cpu().double()
     if t_samples is None:
         total = terms.sum(1)                                                        # eq. (2)
     else:
@@ -202,7 +208,8 @@ def nll_bpd(diffusion: ImprovedDiffusion, model, x0: torch.Tensor, *, t_samples:
 
 
 # %% notebooks/17_improved_ddpm.ipynb, cell 28
-def hybrid_loss(diffusion: ImprovedDiffusion, model, x0: torch.Tensor, generator=None, *, t=None, noise=None) -> dict:
+def hybrid_loss(diffusion: ImprovedDiffusion, model, x0: torch.Tensor, generator=None, *, t=None, noise=None,
+                model_kwargs: dict | None = None, prediction_type: str | None = None) -> dict:
     """Eq. (14): L_simple + lambda * T * L_t, t ~ Uniform{0..T-1} (an unbiased estimate of L_simple + lambda L_vlb),
     with the mean frozen in the L_vlb term (eq. 15): its gradient reaches only the variance output v.
     t and eps are drawn from `generator` in the order of chapter 15's Algorithm 1 (t first, then eps).
@@ -212,11 +219,13 @@ def hybrid_loss(diffusion: ImprovedDiffusion, model, x0: torch.Tensor, generator
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     xt = diffusion.q_sample(x0, t, noise)
-    out = model(xt, diffusion.timestep_map.to(t.device)[t]).float()             # original timestep (identity unless respaced)
-    eps, y = diffusion.split_output(out, xt)
-    mse = F.mse_loss(eps, noise.float())                                         # L_simple, eq. (14)
-    frozen = torch.cat([eps.detach(), y], dim=1)                                 # eq. (15): stop-gradient on the mean
-    vlb = vlb_terms(diffusion, frozen, x0.float(), xt.float(), t, clip_x0=False)  # L_t in bits/dim, (B,)
+    out = diffusion.run_model(model, xt, t, model_kwargs).float()   # the model sees timestep_map[t]
+    prediction, y = diffusion.split_output(out, xt)
+    target = diffusion.training_target(x0, noise, t, prediction_type)
+    mse = F.mse_loss(prediction, target.float())                                 # L_simple, eq. (14)
+    frozen = torch.cat([prediction.detach(), y], dim=1)                          # eq. (15): stop-gradient on the mean
+    vlb = vlb_terms(diffusion, frozen, x0.float(), xt.float(), t, clip_x0=None,
+                    prediction_type=prediction_type)                             # L_t in bits/dim, (B,)
     loss = mse + diffusion.lambda_vlb * diffusion.T * vlb.mean()                 # eq. (14)
     return {"loss": loss, "mse": mse, "vlb": vlb}
 
@@ -230,10 +239,11 @@ def spaced_timesteps(T: int, K: int) -> torch.Tensor:
     return torch.from_numpy(np.linspace(0, T - 1, K).round().astype(np.int64))
 
 
-def respace(diffusion: ImprovedDiffusion, timesteps) -> ImprovedDiffusion:
+def respace(diffusion: GaussianDiffusion, timesteps) -> ImprovedDiffusion:
     """Eq. (17): the diffusion restricted to the kept timesteps s_1 < ... < s_K (code indexing), with
     beta^S_i = 1 - alpha_bar_{s_i} / alpha_bar_{s_{i-1}} and alpha_bar_{s_0} = 1. The model keeps seeing the
-    original timesteps through `timestep_map`; the variance type and lambda carry over."""
+    original timesteps through `timestep_map`; the variance type, lambda and prediction type carry over
+    (chapter 15's GaussianDiffusion is the variance type "fixed_small")."""
     ts = torch.as_tensor(timesteps).long()
     if ts.dim() != 1 or len(ts) == 0 or (ts[1:] <= ts[:-1]).any() or ts[0] < 0 or ts[-1] >= diffusion.T:
         raise ValueError(f"timesteps must be strictly increasing integers in 0..{diffusion.T - 1}, "
@@ -241,5 +251,47 @@ def respace(diffusion: ImprovedDiffusion, timesteps) -> ImprovedDiffusion:
     alpha_bar = diffusion.alpha_bar[ts]
     alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
     betas = 1 - alpha_bar / alpha_bar_prev                                      # eq. (17)
-    return ImprovedDiffusion(betas, variance_type=diffusion.variance_type, lambda_vlb=diffusion.lambda_vlb,
-                             timestep_map=diffusion.timestep_map[ts])
+    timestep_map = getattr(diffusion, "timestep_map", torch.arange(diffusion.T))
+    return ImprovedDiffusion(betas, variance_type=getattr(diffusion, "variance_type", "fixed_small"),
+                             lambda_vlb=getattr(diffusion, "lambda_vlb", 0.001), timestep_map=timestep_map[ts],
+                             prediction_type=diffusion.prediction_type)
+
+
+# %% notebooks/17_improved_ddpm.ipynb, cell 38
+@torch.no_grad()
+def ddim_step(diffusion: GaussianDiffusion, model, xt: torch.Tensor, t, *, eta: float = 0.0, generator=None,
+              clip_x0=1.0, model_kwargs: dict | None = None, prediction_type: str | None = None) -> torch.Tensor:
+    """One DDIM step (Song et al. 2021, eq. 12) from code timestep t to t - 1 of `diffusion` (respace it to skip):
+    x_{t-1} = sqrt(ab_{t-1}) x0_hat + sqrt(1 - ab_{t-1} - sigma_t^2) eps_hat + sigma_t z, with
+    sigma_t = eta sqrt(beta_tilde_t) (eq. 16). eta = 0 is deterministic; eta = 1 is chapter 15's p_sample.
+    eps_hat is recomputed from the clipped x0_hat (as the authors' code and improved-diffusion do)."""
+    if not torch.is_tensor(t):
+        t = torch.full((xt.shape[0],), int(t), device=xt.device, dtype=torch.long)
+    prediction, _ = diffusion.split_output(diffusion.run_model(model, xt, t, model_kwargs).to(xt.dtype), xt)
+    x0, eps = diffusion.x0_and_eps(prediction, xt, t, prediction_type, clip_x0)   # eq. (9) solved for x_0
+    ab_prev = diffusion._get(diffusion.alpha_bar_prev, t, xt)
+    sigma = eta * diffusion._get(diffusion.posterior_variance, t, xt).sqrt()      # eq. (16)
+    x_prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps   # eq. (12)
+    if eta == 0:
+        return x_prev
+    z = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
+    return x_prev + sigma * z                                  # sigma = 0 at t = 0: no noise at the last step
+
+
+@torch.no_grad()
+def ddim_sample(diffusion: GaussianDiffusion, model, shape, *, eta: float = 0.0, generator=None, device="cpu",
+                x_T: torch.Tensor | None = None, progress_bar: bool = True, clip_x0=1.0,
+                model_kwargs: dict | None = None, prediction_type: str | None = None) -> torch.Tensor:
+    """DDIM sampling: x_T ~ N(0, I) (or the given x_T), then ddim_step for t = T-1, ..., 0 of `diffusion`
+    (a respaced diffusion gives the K-step sampler of Song et al.'s section 4.2)."""
+    if x_T is None:
+        x = torch.randn(shape, generator=generator, device=device)
+    elif tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+    else:
+        x = x_T
+    steps = range(diffusion.T - 1, -1, -1)
+    for t in (progress(steps, desc=f"DDIM (eta = {eta})", total=diffusion.T) if progress_bar else steps):
+        x = ddim_step(diffusion, model, x, t, eta=eta, generator=generator, clip_x0=clip_x0,
+                      model_kwargs=model_kwargs, prediction_type=prediction_type)
+    return x

@@ -4,17 +4,14 @@
 
 # %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 3
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from groundup.checkpoint import load_checkpoint, save_checkpoint
-from groundup.ddpm import EMA, GaussianDiffusion
-from groundup.runtime import autocast, batch_indices, progress
+from groundup.ddpm import GaussianDiffusion
+from groundup.runtime import autocast
 
 
 # %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 6
@@ -69,7 +66,10 @@ class AttentionBlock(nn.Module):
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.Linear(channels, channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """`context`: the signature every attention block of the UNet shares; self-attention has none."""
+        if context is not None:
+            raise ValueError("a self-attention block takes no context (cross-attention: chapter 20)")
         B, C, H, W = x.shape
         h = self.group_norm(x).reshape(B, C, H * W).transpose(1, 2)       # (B, N, C): one token per pixel
         q, k, v = (proj(h).view(B, H * W, self.heads, -1).transpose(1, 2)    # (B, heads, N, C / heads)
@@ -97,6 +97,10 @@ class UNetConfig:
     freq_shift: int = 1
     downsample_padding: int = 0         # 0: pad right/bottom by one pixel, TensorFlow's 'SAME' (Ho); 1: all round
     mid_attention: bool = True          # attention between the two middle residual blocks
+    num_class_embeds: int | None = None   # class-conditional: rows of the class-embedding table (diffusers' name)
+    null_class: bool = False            # the last row is the "no class" label of classifier-free guidance (ch. 18)
+    attention_type: str = "self"        # the attention block, a name in ATTENTION_BLOCKS (chapter 20 adds one)
+    cross_attention_dim: int | None = None   # width of the context tokens for cross-attention (chapters 20-21)
 
     def __post_init__(self):
         self.channel_mult, self.attention_levels = tuple(self.channel_mult), tuple(self.attention_levels)
@@ -109,6 +113,25 @@ class UNetConfig:
                                  f"{self.norm_groups} groups: choose base_channels a multiple of norm_groups")
         if self.image_size % 2 ** (len(self.channel_mult) - 1):
             raise ValueError(f"image_size={self.image_size} cannot be halved {len(self.channel_mult) - 1} times")
+        if self.num_class_embeds is not None and self.num_class_embeds < 1 + self.null_class:
+            raise ValueError(f"num_class_embeds={self.num_class_embeds} leaves no class"
+                             + (" beside the null class" if self.null_class else ""))
+        if self.null_class and self.num_class_embeds is None:
+            raise ValueError("null_class=True needs a class embedding: set num_class_embeds (classes + 1)")
+        if self.attention_type not in ATTENTION_BLOCKS:
+            raise ValueError(f"attention_type={self.attention_type!r} is not one of {sorted(ATTENTION_BLOCKS)}")
+
+
+# The one place where the UNet's attention blocks are chosen: UNetConfig.attention_type names an entry, a
+# function (channels, config) -> block, and every block is called as block(x, context). Chapter 20 registers
+# a block with cross-attention to the context here; the UNet itself does not change.
+ATTENTION_BLOCKS = {
+    "self": lambda channels, cfg: AttentionBlock(channels, cfg.norm_groups, cfg.norm_eps, cfg.attention_head_dim),
+}
+
+
+def make_attention(channels: int, cfg: UNetConfig) -> nn.Module:
+    return ATTENTION_BLOCKS[cfg.attention_type](channels, cfg)
 
 
 class TimestepMLP(nn.Module):
@@ -151,16 +174,15 @@ class DownBlock(nn.Module):
         super().__init__()
         args = dict(temb_dim=temb_dim, dropout=cfg.dropout, groups=cfg.norm_groups, eps=cfg.norm_eps)
         self.resnets = nn.ModuleList([ResnetBlock(c_in if i == 0 else c_out, c_out, **args) for i in range(n)])
-        self.attentions = nn.ModuleList([AttentionBlock(c_out, cfg.norm_groups, cfg.norm_eps, cfg.attention_head_dim)
-                                         for _ in range(n)] if attention else [])
+        self.attentions = nn.ModuleList([make_attention(c_out, cfg) for _ in range(n)] if attention else [])
         self.downsamplers = nn.ModuleList([Downsample(c_out, cfg.downsample_padding)] if downsample else [])
 
-    def forward(self, x, temb):
+    def forward(self, x, temb, context=None):
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions:
-                x = self.attentions[i](x)
+                x = self.attentions[i](x, context)
             skips.append(x)
         for down in self.downsamplers:
             x = down(x)
@@ -174,13 +196,12 @@ class MidBlock(nn.Module):
         super().__init__()
         args = dict(temb_dim=temb_dim, dropout=cfg.dropout, groups=cfg.norm_groups, eps=cfg.norm_eps)
         self.resnets = nn.ModuleList([ResnetBlock(channels, channels, **args) for _ in range(2)])
-        self.attentions = nn.ModuleList([AttentionBlock(channels, cfg.norm_groups, cfg.norm_eps,
-                                                        cfg.attention_head_dim)] if cfg.mid_attention else [])
+        self.attentions = nn.ModuleList([make_attention(channels, cfg)] if cfg.mid_attention else [])
 
-    def forward(self, x, temb):
+    def forward(self, x, temb, context=None):
         x = self.resnets[0](x, temb)
         for attn in self.attentions:
-            x = attn(x)
+            x = attn(x, context)
         return self.resnets[1](x, temb)
 
 
@@ -192,15 +213,14 @@ class UpBlock(nn.Module):
         args = dict(temb_dim=temb_dim, dropout=cfg.dropout, groups=cfg.norm_groups, eps=cfg.norm_eps)
         self.resnets = nn.ModuleList([ResnetBlock((c_in if i == 0 else c_out) + c_skip, c_out, **args)
                                       for i, c_skip in enumerate(skip_channels)])
-        self.attentions = nn.ModuleList([AttentionBlock(c_out, cfg.norm_groups, cfg.norm_eps, cfg.attention_head_dim)
-                                         for _ in skip_channels] if attention else [])
+        self.attentions = nn.ModuleList([make_attention(c_out, cfg) for _ in skip_channels] if attention else [])
         self.upsamplers = nn.ModuleList([Upsample(c_out)] if upsample else [])
 
-    def forward(self, x, skips: list, temb):
+    def forward(self, x, skips: list, temb, context=None):
         for i, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips.pop()], dim=1), temb)      # the skip pushed last is used first
             if self.attentions:
-                x = self.attentions[i](x)
+                x = self.attentions[i](x, context)
         for up in self.upsamplers:
             x = up(x)
         return x
@@ -208,13 +228,19 @@ class UpBlock(nn.Module):
 
 # %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 19
 class UNet(nn.Module):
-    """Ho et al.'s DDPM network; model(x_t, t) -> eps prediction (B, out_channels, H, W)"""
+    """Ho et al.'s DDPM network; model(x_t, t) -> eps prediction (B, out_channels, H, W).
+
+    With `num_class_embeds` it is class-conditional, model(x_t, t, class_labels=y), as UNet2DModel; with
+    `null_class` the last class index is "no class" (used when class_labels is None). `context` is passed to
+    every attention block (cross-attention, chapter 20); the self-attention UNet takes none."""
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = cfg = config
         ch = [cfg.base_channels * m for m in cfg.channel_mult]
-        temb_dim = 4 * cfg.base_channels
-        self.time_embedding = TimestepMLP(cfg.base_channels, temb_dim)
+        temb_dim = 4 * ch[0]                                         # e(t) has 4x the first level's channels
+        self.time_embedding = TimestepMLP(ch[0], temb_dim)
+        if cfg.num_class_embeds is not None:                         # one learned vector per class, added to e(t)
+            self.class_embedding = nn.Embedding(cfg.num_class_embeds, temb_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
 
         skip_channels = [ch[0]]                                      # the stack of skips, by channel count
@@ -236,26 +262,43 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+    @property
+    def null_class_index(self) -> int | None:
+        """The class index meaning "no class" (classifier-free guidance), or None"""
+        return self.config.num_class_embeds - 1 if self.config.null_class else None
+
+    def forward(self, x: torch.Tensor, t, class_labels: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
         factor = 2 ** (len(cfg.channel_mult) - 1)
         if x.dim() != 4 or x.shape[1] != cfg.in_channels or x.shape[-1] % factor or x.shape[-2] % factor:
             raise ValueError(f"expected images (B, {cfg.in_channels}, H, W) with H and W multiples of {factor}, "
                              f"got {tuple(x.shape)}")
+        if context is not None and cfg.cross_attention_dim is None:
+            raise ValueError("this UNet has no cross-attention (cross_attention_dim=None): context must be None")
         t = torch.as_tensor(t, device=x.device)
         if t.dim() == 0:
             t = t.expand(x.shape[0])                                 # one t for the whole batch
-        emb = timestep_embedding(t, cfg.base_channels, flip_sin_to_cos=cfg.flip_sin_to_cos,
+        emb = timestep_embedding(t, cfg.base_channels * cfg.channel_mult[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                  downscale_freq_shift=cfg.freq_shift)
         temb = self.time_embedding(emb.to(x.dtype))                  # e(t), shared by every residual block
+        if cfg.num_class_embeds is not None:
+            if class_labels is None and not cfg.null_class:
+                raise ValueError("this UNet is class-conditional: pass class_labels (B,) integers")
+            if class_labels is None:
+                class_labels = torch.full((x.shape[0],), self.null_class_index, device=x.device)
+            temb = temb + self.class_embedding(class_labels).to(temb.dtype)   # e(t) + e(y)
+        elif class_labels is not None:
+            raise ValueError("this UNet has no class embedding (UNetConfig(num_class_embeds=...)): "
+                             "class_labels must be None")
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            h, block_skips = block(h, temb)
+            h, block_skips = block(h, temb, context)
             skips += block_skips
-        h = self.mid_block(h, temb)
+        h = self.mid_block(h, temb, context)
         for block in self.up_blocks:
-            h = block(h, skips, temb)                                # pops its skips off the stack
+            h = block(h, skips, temb, context)                       # pops its skips off the stack
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
     def num_params(self) -> int:
@@ -277,6 +320,8 @@ class UNet(nn.Module):
 # %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 22
 def diffusers_unet_kwargs(config: UNetConfig) -> dict:
     """The UNet2DModel arguments that build our architecture"""
+    if config.attention_type != "self" or config.cross_attention_dim is not None:
+        raise ValueError("UNet2DModel has no cross-attention: only attention_type='self' converts")
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention_levels))
     return dict(sample_size=config.image_size, in_channels=config.in_channels, out_channels=config.out_channels,
@@ -285,11 +330,19 @@ def diffusers_unet_kwargs(config: UNetConfig) -> dict:
                 dropout=config.dropout, norm_num_groups=config.norm_groups, norm_eps=config.norm_eps,
                 attention_head_dim=config.attention_head_dim, flip_sin_to_cos=config.flip_sin_to_cos,
                 freq_shift=config.freq_shift, downsample_padding=config.downsample_padding,
-                add_attention=config.mid_attention, act_fn="silu", time_embedding_type="positional")
+                add_attention=config.mid_attention, act_fn="silu", time_embedding_type="positional",
+                num_class_embeds=config.num_class_embeds)
+
+
+def _memory_format(model: nn.Module):
+    w = next(m.weight for m in model.modules() if isinstance(m, nn.Conv2d))
+    return torch.channels_last if not w.is_contiguous() and w.is_contiguous(
+        memory_format=torch.channels_last) else torch.contiguous_format
 
 
 def to_diffusers_unet(model: UNet):
-    """A diffusers UNet2DModel with our weights: the same outputs (its dtype, device and train/eval mode too)"""
+    """A diffusers UNet2DModel with our weights: the same outputs (its dtype, device, memory format and
+    train/eval mode too, so that the two compute alike)"""
     from diffusers import UNet2DModel
 
     ref = UNet2DModel(**diffusers_unet_kwargs(model.config))
@@ -297,110 +350,77 @@ def to_diffusers_unet(model: UNet):
     ref.load_state_dict(state, strict=True)
     p = next(model.parameters())
     # nn.Module.to, not diffusers' own .to, which warns about dtype casts
-    return nn.Module.to(ref, device=p.device, dtype=p.dtype).train(model.training)
+    ref = nn.Module.to(ref, device=p.device, dtype=p.dtype)
+    return nn.Module.to(ref, memory_format=_memory_format(model)).train(model.training)
 
 
-def from_diffusers_unet(ref) -> UNet:
-    """The reverse: our UNet with the weights of a UNet2DModel built by diffusers_unet_kwargs(config)"""
-    c = ref.config
-    mult = [b // c.block_out_channels[0] for b in c.block_out_channels]
-    config = UNetConfig(in_channels=c.in_channels, out_channels=c.out_channels, base_channels=c.block_out_channels[0],
-                        channel_mult=tuple(mult), layers_per_block=c.layers_per_block,
-                        attention_levels=tuple(t == "AttnDownBlock2D" for t in c.down_block_types),
-                        dropout=c.dropout, norm_groups=c.norm_num_groups, image_size=c.sample_size,
-                        attention_head_dim=c.attention_head_dim, norm_eps=c.norm_eps,
-                        flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift,
-                        downsample_padding=c.downsample_padding, mid_attention=c.add_attention)
+# UNet2DModel options that from_diffusers_unet maps onto UNetConfig, and the values of the others that our UNet
+# implements (diffusers' defaults there); any other value is refused rather than converted into a different network
+_MAPPED = {"sample_size", "in_channels", "out_channels", "freq_shift", "flip_sin_to_cos", "down_block_types",
+           "up_block_types", "block_out_channels", "layers_per_block", "downsample_padding", "dropout",
+           "attention_head_dim", "norm_num_groups", "norm_eps", "add_attention", "num_class_embeds",
+           "attn_norm_num_groups", "num_train_timesteps"}
+_IMPLEMENTED = {"center_input_sample": False, "time_embedding_type": "positional", "time_embedding_dim": None,
+                "mid_block_type": "UNetMidBlock2D", "mid_block_scale_factor": 1, "downsample_type": "conv",
+                "upsample_type": "conv", "act_fn": "silu", "resnet_time_scale_shift": "default",
+                "class_embed_type": None}
+
+
+def from_diffusers_unet(ref, null_class: bool = False) -> UNet:
+    """The reverse: our UNet with the weights of a UNet2DModel. Raises ValueError for the UNet2DModel options
+    our UNet does not implement. `null_class`: the last class index is the null class (classifier-free guidance)."""
+    c = dict(ref.config)
+    bad = [f"{k}={v!r} (ours: {_IMPLEMENTED[k]!r})" for k, v in c.items()
+           if k in _IMPLEMENTED and v != _IMPLEMENTED[k]]
+    bad += [f"{k}={v!r} (an option our UNet does not know)" for k, v in c.items()
+            if not k.startswith("_") and k not in _MAPPED and k not in _IMPLEMENTED]
+    down, up = tuple(c["down_block_types"]), tuple(c["up_block_types"])
+    if any(b not in ("DownBlock2D", "AttnDownBlock2D") for b in down):
+        bad.append(f"down_block_types={down} (ours: DownBlock2D, AttnDownBlock2D)")
+    if up != tuple(b.replace("Down", "Up") for b in reversed(down)):
+        bad.append(f"up_block_types={up} (ours: the down blocks mirrored)")
+    if c.get("attn_norm_num_groups") not in (None, c["norm_num_groups"]):
+        bad.append(f"attn_norm_num_groups={c['attn_norm_num_groups']} (ours: norm_num_groups)")
+    size = c["sample_size"]
+    if isinstance(size, (tuple, list)):
+        size = size[0] if len(set(size)) == 1 else None
+    if not isinstance(size, int):
+        bad.append(f"sample_size={c['sample_size']!r} (ours: one int, square images)")
+    if bad:
+        raise ValueError(f"this UNet2DModel uses options our UNet does not implement: {'; '.join(bad)}")
+    base = math.gcd(*c["block_out_channels"])                    # channels = base x an integer multiplier
+    config = UNetConfig(in_channels=c["in_channels"], out_channels=c["out_channels"], base_channels=base,
+                        channel_mult=tuple(b // base for b in c["block_out_channels"]),
+                        layers_per_block=c["layers_per_block"], attention_levels=tuple(b == "AttnDownBlock2D"
+                                                                                       for b in down),
+                        dropout=c["dropout"], norm_groups=c["norm_num_groups"], image_size=size,
+                        attention_head_dim=c["attention_head_dim"], norm_eps=c["norm_eps"],
+                        flip_sin_to_cos=c["flip_sin_to_cos"], freq_shift=c["freq_shift"],
+                        downsample_padding=c["downsample_padding"], mid_attention=c["add_attention"],
+                        num_class_embeds=c["num_class_embeds"], null_class=null_class)
     model = UNet(config)
     model.load_state_dict({k.replace(".to_out.0.", ".to_out."): v for k, v in ref.state_dict().items()})
     p = next(ref.parameters())
     return model.to(device=p.device, dtype=p.dtype).train(ref.training)
 
 
-# %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 38
-def train_ddpm(model: nn.Module, diffusion: GaussianDiffusion, images: torch.Tensor, *, steps: int, batch_size: int,
-               lr: float = 2e-4, warmup: int = 0, grad_clip: float | None = 1.0, ema: EMA | None = None,
-               ema_decay: float = 0.9999, ema_warmup: bool = False, flip: bool = True, seed: int = 0,
-               checkpoint=None, save_every: int = 1000, device="cpu", compile: bool = False,
-               channels_last: bool = False) -> dict:
-    """Algorithm 1 on images (N, C, H, W) in [-1, 1] with Adam, linear warm-up, gradient clipping, random
-    horizontal flips and an EMA of the weights; resumes exactly from `checkpoint` when it exists.
-    Returns {"loss": [(step, loss)], "ema": EMA, "train_seconds": float, "images_per_s": float}."""
-    if images.dim() != 4 or images.min() < -1 - 1e-6 or images.max() > 1 + 1e-6:
-        raise ValueError("images must be a (N, C, H, W) tensor in [-1, 1] (2 x - 1 for x in [0, 1])")
-    device = torch.device(device)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    ema = ema if ema is not None else EMA(model, decay=ema_decay, warmup=ema_warmup)
-    ema.model.to(device)
-    forward = torch.compile(model) if compile else model
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    both = nn.ModuleDict({"model": model, "ema": ema.model})              # one checkpoint for both
-    start, history, seconds = 0, [], 0.0
-    if checkpoint is not None and Path(checkpoint).exists():
-        start, extra = load_checkpoint(checkpoint, both, opt)
-        history, seconds, ema.num_updates = [tuple(h) for h in extra["history"]], extra["seconds"], extra["ema_updates"]
-    images = images.to(device)
-    model.train()
-    pending = []                                                            # losses not yet copied to the CPU
-
-    def flush():                                                            # one device-to-host copy per flush
-        if pending:
-            values = torch.stack([loss for _, loss in pending]).tolist()
-            history.extend((s, v) for (s, _), v in zip(pending, values))
-            pending.clear()
-
-    t0 = time.perf_counter()
-    bar = progress(range(start, steps), desc="DDPM training (Algorithm 1)", initial=start, total=steps)
-    for step in bar:                                                        # line 1: repeat
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
-        x0 = images[batch_indices(len(images), batch_size, step, seed).to(device)]   # line 2: x_0 ~ q(x_0)
-        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 1)
-        if flip:
-            flips = torch.rand(x0.shape[0], generator=g, device=device) < 0.5
-            x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)  # random horizontal flips
-        if channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
-            loss = diffusion.training_loss(forward, x0, generator=g)       # lines 3-5 (t and eps drawn from g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        ema.update(model)
-        pending.append((step, loss.detach()))
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            flush()
-            bar.set_postfix(loss=f"{history[-1][1]:.4f}")
-        if checkpoint is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
-            flush()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            save_checkpoint(checkpoint, both, opt, step=step + 1,
-                            extra={"history": history, "ema_updates": ema.num_updates,
-                                   "seconds": seconds + time.perf_counter() - t0})
-    flush()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds += time.perf_counter() - t0
-    done = steps - start
-    return {"loss": history, "ema": ema, "train_seconds": seconds,
-            "images_per_s": done * batch_size / max(time.perf_counter() - t0, 1e-9) if done else float("nan")}
-
-
+# %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 40
 @torch.no_grad()
 def sample_images(diffusion: GaussianDiffusion, model: nn.Module, n: int, *, batch_size: int = 500, seed: int = 0,
-                  device="cpu", image_shape=(3, 32, 32), progress_bar: bool = True) -> torch.Tensor:
-    """`n` samples by Algorithm 2, in [0, 1] on the CPU; batch b uses a generator seeded by (seed, b)"""
+                  device="cpu", image_shape=(3, 32, 32), progress_bar: bool = True, sampler=None,
+                  model_kwargs: dict | None = None) -> torch.Tensor:
+    """`n` images in [0, 1] on the CPU; batch b uses a generator seeded by (seed, b). `sampler`: called as
+    sampler(model, shape, generator=, device=, progress_bar=, model_kwargs=); default Algorithm 2
+    (diffusion.sample). `model_kwargs`: per-sample conditioning tensors of n rows, split into the batches."""
     model.eval()
+    sampler = sampler or diffusion.sample
     out = []
     for b, start in enumerate(range(0, n, batch_size)):
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
+        stop = min(start + batch_size, n)
+        cond = {k: v[start:stop].to(device) for k, v in (model_kwargs or {}).items()}
         with autocast(device):
-            x = diffusion.sample(model, (min(batch_size, n - start), *image_shape), generator=g, device=device,
-                                 progress_bar=progress_bar)
+            x = sampler(model, (stop - start, *image_shape), generator=g, device=device, progress_bar=progress_bar,
+                        model_kwargs=cond)
         out.append(((x.float().clamp(-1, 1) + 1) / 2).cpu())
     return torch.cat(out)
