@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "lib"))  # the checkout's groundup, imported where needed (torch is slow)
+sys.path.insert(0, str(ROOT / "lib"))  # the checkout's groundup, imported only where needed
 MiB = 1 << 20
 MANIFEST = "MANIFEST.json"
 MANIFEST_FORMAT = "groundup-parts-1"
@@ -112,8 +112,8 @@ class Chapter:
     @property
     def heavy(self) -> bool:
         """Whether its data (and FID weights) take more than HEAVY_MB of uploads."""
-        mb = sum(DATASET_MB[d] for d in self.datasets) + (DATASET_MB["fid"] if self.needs_fid else 0)
-        return mb > HEAVY_MB
+        mb = sum(DATASET_MB[d] for d in self.datasets)
+        return mb + (DATASET_MB["fid"] if self.needs_fid else 0) > HEAVY_MB
 
 
 def device_kind(name: str) -> str:
@@ -195,9 +195,9 @@ def _loaders() -> dict[str, set[str]]:
 
 
 def select(notebooks: Path, numbers: list[str] | None, profile: str, kind: str) -> list[Chapter]:
-    """The chapters named, in that order; by default those with no full run on a GPU, cheapest first:
-    those whose data fit in one upload before the others (CIFAR-10, the FID weights), each group by
-    expected time."""
+    """The chapters named, in that order; by default those with no full run on a GPU, cheapest
+    first: those whose data fit in one upload before the others (CIFAR-10, the FID weights), each
+    group by expected time."""
     if numbers:
         return [chapter_info(find_notebook(notebooks, n.zfill(2)), profile, kind) for n in numbers]
     every = [chapter_info(p, profile, kind) for p in sorted(notebooks.glob("[0-9][0-9]_*.ipynb"))]
@@ -546,96 +546,52 @@ def wheel_requirements(have: set[str]) -> dict[str, str | None]:
 
 
 def build_wheels(dest: Path) -> list[Path]:
-    """Download the wheels the GPU machine lacks (Python 3.12, manylinux x86-64) and build this
-    package's."""
+    """Download the wheels the GPU machine lacks (Python 3.12, manylinux x86-64), then build this
+    package's own wheel beside them."""
     have, source = preinstalled()
     wanted = wheel_requirements(have)
-    print(
-        f"the GPU machine's packages: {source}; to carry: "
-        + ", ".join(f"{n}=={v}" if v else n for n, v in wanted.items())
-    )
+    pins = [f"{n}=={v}" if v else n for n, v in wanted.items() if n != "groundup"]
+    print(f"the GPU machine's packages: {source}; to carry: {', '.join(pins)}")
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    platforms = [f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 31, 34, 35, 39)]
-    platforms += ["manylinux2014_x86_64", "manylinux1_x86_64"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--python-version",
-        "3.12",
-        "--implementation",
-        "cp",
-        "-d",
-        str(dest),
-    ]
-    for p in platforms:
-        cmd += ["--platform", p]
-    subprocess.run(
-        cmd + [f"{n}=={v}" if v else n for n, v in wanted.items() if n != "groundup"], check=True
-    )
-    with (
-        tempfile.TemporaryDirectory() as tmp
-    ):  # build from a copy: no build/ or egg-info in the checkout
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--python-version", "3.12", "--implementation", "cp", "-d", str(dest)]
+    for n in (17, 24, 26, 27, 28, 31, 34, 35, 39):      # pip matches each glibc version exactly
+        cmd += ["--platform", f"manylinux_2_{n}_x86_64"]
+    cmd += ["--platform", "manylinux2014_x86_64", "--platform", "manylinux1_x86_64"]
+    subprocess.run(cmd + pins, check=True)
+    with tempfile.TemporaryDirectory() as tmp:  # build from a copy: no build/ in the checkout
         for name in ("pyproject.toml", "README.md"):
             shutil.copy(ROOT / name, tmp)
-        shutil.copytree(
-            ROOT / "lib",
-            Path(tmp) / "lib",
-            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
-        )
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "wheel",
-                "--no-deps",
-                "--no-build-isolation",
-                "-q",
-                "-w",
-                str(dest),
-                tmp,
-            ],
-            check=True,
-        )
+        shutil.copytree(ROOT / "lib", Path(tmp) / "lib",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                        "-q", "-w", str(dest), tmp], check=True)
     wheels = sorted(dest.glob("*.whl"))
     (dest / "WHEELS.txt").write_text("".join(f"{w.name}  {w.stat().st_size}\n" for w in wheels))
     return wheels
 
 
 def install_wheels(wheels: Path, site: Path) -> None:
-    files = sorted(str(w) for w in wheels.glob("*.whl"))
+    """``pip install --no-index --no-deps --target site`` of every wheel in ``wheels`` (skipped when
+    ``site`` already holds exactly this set, as on a second call of a warm machine)."""
+    files = sorted(wheels.glob("*.whl"))
     if not files:
         raise ReferenceError(f"no wheels in {wheels}")
+    stamp = "".join(f"{w.name} {w.stat().st_size}\n" for w in files)
+    if (site / ".installed").is_file() and (site / ".installed").read_text() == stamp:
+        print(f"the {len(files)} wheels are installed in {site} already", flush=True)
+        return
     print(f"installing {len(files)} wheels offline into {site}", flush=True)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-index",
-            "--no-deps",
-            "--no-compile",
-            "--no-cache-dir",
-            "--upgrade",
-            "--target",
-            str(site),
-            *files,
-        ],
-        capture_output=True,
-        text=True,
-    )
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+           "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, files)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise ReferenceError(
             f"installing the wheels from {wheels} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}"
         )
+    (site / ".installed").write_text(stamp)
 
 
 # ----------------------------------------------------------------------------- running
@@ -646,8 +602,8 @@ def _now() -> str:
 
 
 def _kill_tree(pid: int) -> None:
-    """End a process and all its descendants (the notebook's kernel runs in a session of its
-    own)."""
+    """End a process and all its descendants: the notebook's kernel runs in a session of its own
+    (without psutil only the process group goes; the kernel ends when it sees its parent gone)."""
     try:
         import psutil
 
@@ -665,8 +621,7 @@ def _kill_tree(pid: int) -> None:
 
 
 def _clock() -> float:
-    """The clock the budget is counted on (the tests replace it to end a budget at a chosen
-    moment)."""
+    """The clock of the budget (the tests replace it to end a budget at a chosen moment)."""
     return time.monotonic()
 
 
@@ -806,17 +761,8 @@ def run(args) -> int:
 
     # 3. one archive of what this call made
     if args.archive:
-        pack(
-            report,
-            Path(args.archive),
-            args.max_mb,
-            root,
-            results,
-            checkpoints,
-            notebooks,
-            logs,
-            wall0,
-        )
+        pack(report, Path(args.archive), args.max_mb, root, results, checkpoints, notebooks, logs,
+             wall0)
     (logs / "summary.json").write_text(json.dumps(report.__dict__, indent=1) + "\n")
     print(json.dumps(report.chapters, indent=1))
     return 1 if any(e.get("status") == "failed" for e in report.chapters) else 0
@@ -833,11 +779,9 @@ def pack(
     logs: Path,
     since: float,
 ) -> None:
-    """Write the archive: summary and logs, the completed chapters' results written since ``since``
-    and their executed notebooks, then
-    (as far as ``max_mb`` allows) the artefacts of completed chapters and the interrupted one's
-    checkpoints.
-    """
+    """Write the archive: the summary and logs, the completed chapters' results (those written
+    since ``since``) and executed notebooks, then, as far as ``max_mb`` allows, the artefacts of
+    completed chapters and the interrupted chapter's checkpoints."""
     done = [e["chapter"] for e in report.chapters if e.get("status") == "done"]
     interrupted = [e["chapter"] for e in report.chapters if e.get("status") == "interrupted"]
     items: list[tuple[str, Path]] = []  # (name in the archive, file), most important first
