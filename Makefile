@@ -87,10 +87,12 @@ BUDGET  ?= 600
 ARCHIVE ?= _build/reference.tar.gz
 MAX_MB  ?= 15
 REF_CHAPTERS = $(if $(strip $(CHAPTERS)),--chapters $(CHAPTERS))
+REF_PROFILE ?= full
 
 reference:
 	$(REF_PY) tools/reference.py run --budget $(BUDGET) $(REF_CHAPTERS) $(if $(DATA),--data $(DATA)) \
-	  $(if $(PARTS),--parts $(PARTS)) $(if $(WHEELS),--wheels $(WHEELS)) --archive $(ARCHIVE) --max-mb $(MAX_MB)
+	  $(if $(PARTS),--parts $(PARTS)) $(if $(WHEELS),--wheels $(WHEELS)) --archive $(ARCHIVE) --max-mb $(MAX_MB) \
+	  --profile $(REF_PROFILE)
 
 reference-plan:
 	$(REF_PY) tools/reference.py plan $(REF_CHAPTERS) --budget $(BUDGET)
