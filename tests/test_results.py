@@ -234,3 +234,8 @@ def test_results_page_summary_has_one_row_per_chapter():
     assert len(lines) == 2 + 2
     assert lines[2] == "| [01](#ch-01) | test error | 0.08 | <= 10% | yes | cpu | CPU: test (2 cores) |"
     assert lines[3] == "| [02](#ch-02) | FID \\| 10k | 5 | <= 20 | smoke run | smoke | CPU: test (2 cores) |"
+
+
+def test_git_commit_from_the_environment_where_there_is_no_repository(monkeypatch):
+    monkeypatch.setenv("BOOK_GIT_COMMIT", "0123456789abcdef")
+    assert results.git_commit() == {"commit": "0123456789abcdef", "dirty": None}

@@ -49,6 +49,10 @@ def read_results(slug: str) -> dict | None:
 
 
 def git_commit(root: Path | None = None) -> dict:
+    """{"commit", "dirty"} of the book's checkout. Where the run has no ``.git`` (a GPU machine that received a
+    copy of the working tree), ``BOOK_GIT_COMMIT`` names the commit the copy was made from."""
+    if os.environ.get("BOOK_GIT_COMMIT"):
+        return {"commit": os.environ["BOOK_GIT_COMMIT"], "dirty": None}
     root = root or book_root()
     try:
         head = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=root, capture_output=True, text=True,
