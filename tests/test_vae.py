@@ -8,8 +8,10 @@ import torch
 from conftest import Crash, crashing_progress
 from torch.distributions import Bernoulli, MultivariateNormal, Normal, kl_divergence
 
-from groundup.vae import (VAE, VAEConfig, bernoulli_log_likelihood, binarize, dequantize, evaluate_vae,
-                          gaussian_kl, gaussian_log_density, iwae_bound, reparameterize, train_vae)
+from groundup.vae import (VAE, VAEConfig, bernoulli_log_likelihood, binarize, dequantize,
+                          discretized_gaussian_log_likelihood, evaluate_vae, gaussian_kl,
+                          gaussian_log_density, grey_levels, iwae_bound, prepare_batch, reparameterize,
+                          train_vae)
 
 
 def _gaussians(shape, seed=0, dtype=torch.float64):
@@ -66,6 +68,63 @@ def test_reparameterize_moments_and_gradient():
     assert torch.allclose(lv.grad, lv.exp().detach(), rtol=0.03)
 
 
+@pytest.mark.parametrize("mean", [-1.7, -1.0, -0.31, 0.0, 0.52, 1.0, 2.4])
+@pytest.mark.parametrize("scale", [1e-3, 0.01, 0.1, 1.0, 5.0])
+def test_discretized_gaussian_sums_to_one_and_matches_cdf(mean, scale):
+    """Eq. (15a): a distribution over the 256 levels, each the Gaussian's mass on its bin (the edge
+    bins reach to -inf and +inf)."""
+    k = torch.arange(256, dtype=torch.float64)
+    x = k / 127.5 - 1
+    log_scale = torch.full_like(x, math.log(scale))
+    logp = discretized_gaussian_log_likelihood(x, torch.full_like(x, mean), log_scale)
+    assert abs(logp.exp().sum().item() - 1) < 1e-9
+    normal = Normal(torch.tensor(mean, dtype=torch.float64), torch.tensor(scale, dtype=torch.float64))
+    upper = torch.where(k == 255, 1.0, normal.cdf(x + 1 / 255))
+    lower = torch.where(k == 0, 0.0, normal.cdf(x - 1 / 255))
+    assert (logp.exp() - (upper - lower)).abs().max() < 1e-11
+    assert (logp <= 0).all()
+
+
+def test_discretized_gaussian_is_accurate_in_both_tails_in_float32():
+    """Bins about six standard deviations from the mean, on either side (masses 1e-11..1e-9):
+    float32 agrees with an independent float64 computation (Python's math.erfc), where the direct
+    CDF difference and torch.special.ndtr, (1 + erf) / 2, round the mass to 0 or to a multiple of
+    float32's epsilon."""
+    cases = [(0.6, 0.0, 0.1), (-0.6, 0.0, 0.1), (0.3, -0.05, 0.055), (-0.45, 0.2, 0.1)]
+    x, mean, scale = (torch.tensor(c) for c in zip(*cases))
+    ours = discretized_gaussian_log_likelihood(x, mean, scale.log())
+
+    def mass(xi, m, s):                        # Q(z) = erfc(z / sqrt 2) / 2, in the bin's tail
+        lo, hi = (xi - m - 1 / 255) / s, (xi - m + 1 / 255) / s
+        if lo > 0:
+            return 0.5 * math.erfc(lo / math.sqrt(2)) - 0.5 * math.erfc(hi / math.sqrt(2))
+        return 0.5 * math.erfc(-hi / math.sqrt(2)) - 0.5 * math.erfc(-lo / math.sqrt(2))
+
+    ref = torch.tensor([math.log(mass(*c)) for c in cases], dtype=torch.float64)
+    assert (ref > math.log(1e-11)).all() and (ref < math.log(1e-8)).all()
+    assert torch.allclose(ours.double(), ref, rtol=1e-4, atol=0)
+    x64, mean64, scale64 = (torch.tensor(c, dtype=torch.float64) for c in zip(*cases))
+    ours64 = discretized_gaussian_log_likelihood(x64, mean64, scale64.log())
+    assert torch.allclose(ours64, ref, rtol=1e-9, atol=0)
+
+
+def test_discretized_gaussian_edges_and_range():
+    # the edge bins reach to -inf and +inf: a mean far outside [-1, 1] gives them probability ~1
+    edge = discretized_gaussian_log_likelihood(torch.tensor([-1.0, 1.0]), torch.tensor([-3.0, 3.0]),
+                                               torch.zeros(2))
+    assert torch.allclose(edge, torch.special.log_ndtr(torch.tensor([2.0 + 1 / 255] * 2)))
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        discretized_gaussian_log_likelihood(torch.tensor([255.0]), torch.zeros(1), torch.zeros(1))
+    x = torch.zeros(3, device="meta")                 # off the CPU the range is not read back
+    assert discretized_gaussian_log_likelihood(x, x, x).shape == (3,)
+    imgs = torch.tensor([[0, 1, 127, 128, 255]], dtype=torch.uint8)
+    assert torch.allclose(grey_levels(imgs), imgs.float() / 127.5 - 1)
+    prepared = prepare_batch(imgs, "discretized_gaussian", torch.Generator())
+    assert torch.equal(prepared, grey_levels(imgs))
+    with pytest.raises(ValueError, match="uint8"):
+        grey_levels(imgs.float())
+
+
 def test_binarize_and_dequantize():
     imgs = torch.tensor([[0, 255, 128, 64]], dtype=torch.uint8)
     assert torch.equal(binarize(imgs, "threshold"), torch.tensor([[0.0, 1.0, 1.0, 0.0]]))
@@ -87,9 +146,14 @@ def test_vae_shapes_and_elbo_terms():
     torch.manual_seed(0)
     for cfg in (VAEConfig(x_dim=20, hidden=16, n_hidden=2, z_dim=3),
                 VAEConfig(x_dim=20, hidden=16, n_hidden=1, z_dim=3, likelihood="gaussian"),
-                VAEConfig(x_dim=20, hidden=16, n_hidden=1, z_dim=3, likelihood="gaussian", decoder_std=0.3)):
+                VAEConfig(x_dim=20, hidden=16, n_hidden=1, z_dim=3, likelihood="gaussian",
+                          decoder_std=0.3),
+                VAEConfig(x_dim=20, hidden=16, n_hidden=1, z_dim=3,
+                          likelihood="discretized_gaussian")):
         model = VAE(cfg)
-        x = torch.rand(5, 20).round() if cfg.likelihood == "bernoulli" else torch.rand(5, 20)
+        grey = grey_levels(torch.randint(0, 256, (5, 20), dtype=torch.uint8))
+        x = {"bernoulli": torch.rand(5, 20).round(), "gaussian": torch.rand(5, 20),
+             "discretized_gaussian": grey}[cfg.likelihood]
         out = model(x, generator=torch.Generator().manual_seed(0))
         assert out["elbo"].shape == (5,) and out["z"].shape == (5, 3)
         assert torch.allclose(out["elbo"], out["rec"] - out["kl"])
@@ -97,6 +161,11 @@ def test_vae_shapes_and_elbo_terms():
         z = reparameterize(mu, lv, torch.randn(5, 3, generator=torch.Generator().manual_seed(0)))
         assert torch.allclose(out["z"], z)
         assert torch.allclose(out["rec"], model.log_likelihood(x, z))
+        if cfg.likelihood == "discretized_gaussian":
+            mean, logvar = model.decode(z)
+            ref = discretized_gaussian_log_likelihood(x, mean, 0.5 * logvar).sum(-1)
+            assert torch.allclose(out["rec"], ref) and (out["rec"] <= 0).all()   # a log-probability
+            assert torch.allclose(model.mean_image(z), (mean + 1) / 2)
         if cfg.likelihood == "gaussian":
             mean, logvar = model.decode(z)
             expected = 2 * math.log(0.3) if cfg.decoder_std else None
@@ -158,14 +227,14 @@ def test_training_improves_the_bound():
         train_vae(model, X.float(), steps=1, batch_size=4, lr=1e-3, seed=0)
 
 
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "discretized_gaussian"])
 def test_train_vae_resumes_exactly(tmp_path, monkeypatch, likelihood):
     """A run killed mid-way and resumed from its last checkpoint ends with exactly the weights and history of an
     uninterrupted run: batches, binarization/dequantization and eps all come from per-step generators."""
     import groundup.vae as vae_module
 
     X = _toy_images()
-    X_eval = binarize(X[:16], "stochastic", torch.Generator().manual_seed(0))
+    X_eval = prepare_batch(X[:16], likelihood, torch.Generator().manual_seed(0))
     cfg = VAEConfig(x_dim=16, hidden=12, n_hidden=1, z_dim=2, likelihood=likelihood)
     kw = dict(steps=40, batch_size=8, lr=5e-3, seed=3, X_eval=X_eval, eval_every=10, save_every=10)
 
@@ -186,3 +255,23 @@ def test_train_vae_resumes_exactly(tmp_path, monkeypatch, likelihood):
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
     assert h1 == h2 and len(h2["train"]) == 40
+
+
+def test_iwae_evaluation_shows_progress(monkeypatch):
+    """L_K costs K decoder passes per image: evaluate_vae shows a progress bar over its batches when
+    K > 0."""
+    import groundup.vae as vae_module
+
+    calls = []
+
+    def recording(iterable=None, **kwargs):
+        calls.append(kwargs.get("desc"))
+        return iterable
+
+    monkeypatch.setattr(vae_module, "progress", recording)
+    model = VAE(VAEConfig(x_dim=16, hidden=8, n_hidden=1, z_dim=2))
+    X_eval = binarize(_toy_images(20), "stochastic", torch.Generator().manual_seed(0))
+    evaluate_vae(model, X_eval, batch_size=8)
+    assert calls == []
+    evaluate_vae(model, X_eval, K=5, batch_size=8)
+    assert calls == ["L_5 on 20 images"]

@@ -71,16 +71,61 @@ def dequantize(images: torch.Tensor, generator: torch.Generator | None = None) -
     return (images.float() + u) / 256
 
 
-# %% notebooks/14_vae.ipynb, cell 18
+# %% notebooks/14_vae.ipynb, cell 15
+def grey_levels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (k in 0..255) to x = k / 127.5 - 1 in [-1, 1], the scale of eq. (15a)."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"grey_levels expects uint8 images (0..255), got {images.dtype}")
+    return images.float() / 127.5 - 1
+
+
+def std_normal_cdf(z: torch.Tensor) -> torch.Tensor:
+    """Phi(z) = erfc(-z / sqrt(2)) / 2, accurate in the lower tail (down to float's smallest
+    numbers), where torch.special.ndtr, computed as (1 + erf(z / sqrt(2))) / 2, rounds what lies
+    below ~1e-8 to 0 in float32."""
+    return 0.5 * torch.erfc(-z * (1 / math.sqrt(2)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor,
+                                        log_scale: torch.Tensor) -> torch.Tensor:
+    """Eq. (15a): log P(x) per element, in nats, of the 8-bit decoder: x holds pixel values k in
+    {0..255} scaled to [-1, 1] (x = k / 127.5 - 1); the bin of x is [x - 1/255, x + 1/255], widened
+    to -inf at x = -1 and to +inf at x = 1, and its probability is the mass of
+    N(mean, exp(log_scale)^2) on that bin. The range of x is checked on the CPU only (on a GPU,
+    reading x.min() back would stall every training step)."""
+    if x.device.type == "cpu" and (x.min() < -1 - 1e-6 or x.max() > 1 + 1e-6):
+        raise ValueError("x must be 8-bit pixel values scaled to [-1, 1] (x = k / 127.5 - 1)")
+    inv_std = torch.exp(-log_scale)
+    upper = (x - mean + 1 / 255) * inv_std                           # standardized upper edge x^+
+    lower = (x - mean - 1 / 255) * inv_std                           # standardized lower edge x^-
+    # Phi(upper) - Phi(lower), computed in whichever tail keeps it accurate: by symmetry it equals
+    # Phi(-lower) - Phi(-upper), the better form when the bin lies right of the mean
+    mid = torch.where(lower > 0, std_normal_cdf(-lower) - std_normal_cdf(-upper),
+                      std_normal_cdf(upper) - std_normal_cdf(lower))
+    log_mid = torch.log(mid.clamp(min=1e-12))
+    return torch.where(x < -0.999, torch.special.log_ndtr(upper),        # first bin, (-inf, x^+]
+                       torch.where(x > 0.999, torch.special.log_ndtr(-lower),  # last, [x^-, +inf)
+                                   log_mid))                            # eq. (15a)
+
+
+# %% notebooks/14_vae.ipynb, cell 21
 @dataclass
 class VAEConfig:
     x_dim: int = 784
     hidden: int = 512
     n_hidden: int = 2                  # hidden layers in the encoder and in the decoder
     z_dim: int = 32
-    likelihood: str = "bernoulli"      # "bernoulli" (binary pixels) or "gaussian" (continuous pixels)
+    likelihood: str = "bernoulli"      # "bernoulli" (binary pixels), "gaussian" (a density of
+    #                                    continuous pixels) or "discretized_gaussian" (eq. 15a)
     decoder_std: float | None = None   # gaussian only: a fixed sigma, or None for a learned per-pixel variance
     min_logvar: float = 2 * math.log(1 / 256)   # gaussian, learned: sigma is never below one grey level
+
+
+LIKELIHOODS = ("bernoulli", "gaussian", "discretized_gaussian")
+# discretized_gaussian: sigma >= 1e-4, a 78th of a bin (2/255), which costs no probability (a
+# Gaussian that narrow, centred in a bin, leaves less than 1e-300 of its mass outside) and keeps
+# 1 / sigma finite in float32
+DISCRETIZED_MIN_LOGVAR = 2 * math.log(1e-4)
 
 
 def mlp(d_in: int, hidden: int, n_hidden: int, d_out: int) -> nn.Sequential:
@@ -96,10 +141,11 @@ class VAE(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        if cfg.likelihood not in ("bernoulli", "gaussian"):
-            raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', not {cfg.likelihood!r}")
+        if cfg.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, not {cfg.likelihood!r}")
         self.cfg = cfg
-        self.learned_var = cfg.likelihood == "gaussian" and cfg.decoder_std is None
+        self.learned_var = (cfg.likelihood == "gaussian" and cfg.decoder_std is None
+                            or cfg.likelihood == "discretized_gaussian")
         self.encoder = mlp(cfg.x_dim, cfg.hidden, cfg.n_hidden, 2 * cfg.z_dim)               # -> (mu, log sigma^2)
         self.decoder = mlp(cfg.z_dim, cfg.hidden, cfg.n_hidden, cfg.x_dim * (2 if self.learned_var else 1))
 
@@ -114,33 +160,42 @@ class VAE(nn.Module):
             return out, None
         if self.learned_var:
             mean, raw = out.chunk(2, dim=-1)
-            logvar = self.cfg.min_logvar + F.softplus(raw - self.cfg.min_logvar)   # a smooth floor at min_logvar
+            floor = (DISCRETIZED_MIN_LOGVAR if self.cfg.likelihood == "discretized_gaussian"
+                     else self.cfg.min_logvar)
+            logvar = floor + F.softplus(raw - floor)                           # a smooth floor
             return mean, logvar
         return out, torch.full_like(out, 2 * math.log(self.cfg.decoder_std))
 
     def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """log p_theta(x | z) in nats per example (eq. 11 or 13); z may carry extra leading sample axes."""
+        """log p_theta(x | z) in nats per example (eq. 11, 13 or 15a); z may carry extra leading
+        sample axes."""
         a, logvar = self.decode(z)
         if self.cfg.likelihood == "bernoulli":
             return bernoulli_log_likelihood(a, x)
+        if self.cfg.likelihood == "discretized_gaussian":
+            log_scale = 0.5 * logvar                                   # log sigma = logvar / 2
+            return discretized_gaussian_log_likelihood(x, a, log_scale).sum(-1)
         return gaussian_log_density(x, a, logvar)
 
     def mean_image(self, z: torch.Tensor) -> torch.Tensor:
-        """The decoder's mean E[x | z], for pictures: sigmoid(logits) or the Gaussian mean."""
+        """The decoder's mean, for pictures: sigmoid(logits), the Gaussian mean, or (discretized)
+        the Gaussian mean mapped from [-1, 1] back to intensities in [0, 1]."""
         a, _ = self.decode(z)
-        return torch.sigmoid(a) if self.cfg.likelihood == "bernoulli" else a
+        if self.cfg.likelihood == "bernoulli":
+            return torch.sigmoid(a)
+        return (a + 1) / 2 if self.cfg.likelihood == "discretized_gaussian" else a
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         """One-sample ELBO per example (eq. 8): E_q[log p(x|z)] - KL(q(z|x) || p(z)), with its two terms."""
         mu, logvar = self.encode(x)
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         z = reparameterize(mu, logvar, eps)                                    # eq. (7)
-        rec = self.log_likelihood(x, z)                                        # eq. (11) / (13), one sample
+        rec = self.log_likelihood(x, z)                          # eq. (11)/(13)/(15a), one sample
         kl = gaussian_kl(mu, logvar)                                           # eq. (10), in closed form
         return {"elbo": rec - kl, "rec": rec, "kl": kl, "z": z}
 
 
-# %% notebooks/14_vae.ipynb, cell 21
+# %% notebooks/14_vae.ipynb, cell 24
 @torch.no_grad()
 def iwae_bound(model: VAE, x: torch.Tensor, K: int, generator: torch.Generator | None = None,
                chunk: int = 100) -> torch.Tensor:
@@ -168,7 +223,10 @@ def evaluate_vae(model: VAE, X: torch.Tensor, *, K: int = 0, batch_size: int = 1
     model.eval()
     g = torch.Generator(device=X.device).manual_seed(seed)
     neg_elbo, rec, kl, neg_iwae = 0.0, 0.0, 0.0, 0.0
-    for start in range(0, len(X), batch_size):
+    starts = range(0, len(X), batch_size)
+    if K:                                 # L_K costs K decoder passes per image: show progress
+        starts = progress(starts, desc=f"L_{K} on {len(X):,} images")
+    for start in starts:
         xb = X[start:start + batch_size]
         out = model(xb, generator=g)
         neg_elbo -= out["elbo"].sum().item()
@@ -184,12 +242,15 @@ def evaluate_vae(model: VAE, X: torch.Tensor, *, K: int = 0, batch_size: int = 1
     return result
 
 
-# %% notebooks/14_vae.ipynb, cell 24
+# %% notebooks/14_vae.ipynb, cell 27
 def prepare_batch(images: torch.Tensor, likelihood: str, generator: torch.Generator) -> torch.Tensor:
-    """uint8 images (B, 784) to the model's data: a fresh stochastic binarization (Bernoulli decoder) or a
-    fresh dequantization (Gaussian decoder), drawn from ``generator``."""
+    """uint8 images (B, 784) to the model's data: a fresh stochastic binarization (Bernoulli
+    decoder), the grey levels scaled to [-1, 1] (discretized Gaussian, nothing to draw) or a fresh
+    dequantization (Gaussian density), drawn from ``generator``."""
     if likelihood == "bernoulli":
         return binarize(images, "stochastic", generator)
+    if likelihood == "discretized_gaussian":
+        return grey_levels(images)
     return dequantize(images, generator)
 
 
@@ -198,7 +259,8 @@ def train_vae(model: VAE, X: torch.Tensor, *, steps: int, batch_size: int, lr: f
               device="cpu") -> dict:
     """Maximize the ELBO (Algorithm 1 of Kingma & Welling) with chapter 01's Adam and chapter 02's cosine schedule.
 
-    X: uint8 training images (N, 784), binarized or dequantized afresh at every step. X_eval: the evaluation
+    X: uint8 training images (N, 784), prepared by ``prepare_batch`` at every step. X_eval: the
+    evaluation
     data, already prepared (fixed). Every random draw of step s comes from a generator seeded with (seed, s),
     so a run resumed from ``checkpoint`` ends with exactly the weights of one that never stopped.
     Returns {"train": [(step, -ELBO), ...], "eval": [(step, -ELBO), ...], "kl": [(step, KL), ...]}."""
