@@ -239,3 +239,6 @@ def test_results_page_summary_has_one_row_per_chapter():
 def test_git_commit_from_the_environment_where_there_is_no_repository(monkeypatch):
     monkeypatch.setenv("BOOK_GIT_COMMIT", "0123456789abcdef")
     assert results.git_commit() == {"commit": "0123456789abcdef", "dirty": None}
+
+    monkeypatch.setenv("BOOK_GIT_DIRTY", "0")
+    assert results.git_commit() == {"commit": "0123456789abcdef", "dirty": False}

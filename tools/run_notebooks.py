@@ -53,6 +53,7 @@ def leaked_paths(nb) -> list[str]:
 
 
 OUTPUTS_LINE = "**Outputs on this page.**"
+GIVEN_COMMIT = os.environ.get("BOOK_GIT_COMMIT")    # set by the caller where the checkout has no .git
 
 
 def stamp_header(nb, profile: str, device: str, seconds: float, date: str, load: float | None = None) -> None:
@@ -100,6 +101,12 @@ def run(path: Path, fresh: bool = False) -> float:
         for old in chapter_checkpoints(path):
             old.unlink()
     os.environ["BOOK_PROGRESS"] = "static"  # saved notebooks show each bar's final state as text
+    if not GIVEN_COMMIT:                                     # the code this run starts from, for every record it
+        for name in ("BOOK_GIT_COMMIT", "BOOK_GIT_DIRTY"):  # writes, even if the checkout changes meanwhile
+            os.environ.pop(name, None)                       # (a copy without .git names it: BOOK_GIT_COMMIT)
+    at_start = git_commit()
+    os.environ["BOOK_GIT_COMMIT"] = at_start["commit"]
+    os.environ["BOOK_GIT_DIRTY"] = {True: "1", False: "0"}.get(at_start["dirty"], "")
     os.environ.setdefault("BOOK_RESULTS_DIR", str(book_root() / "results"))   # the committed records
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=1800, kernel_name="python3", record_timing=False,
@@ -112,7 +119,7 @@ def run(path: Path, fresh: bool = False) -> float:
         "profile": get_profile(),
         "device": device_name(get_device()),
         "torch": torch.__version__,
-        "git": git_commit(),
+        "git": at_start,
         "executed": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "execution_time_s": round(seconds, 1),
         "load_average": round(load, 2),

@@ -50,9 +50,12 @@ def read_results(slug: str) -> dict | None:
 
 def git_commit(root: Path | None = None) -> dict:
     """{"commit", "dirty"} of the book's checkout. Where the run has no ``.git`` (a GPU machine that received a
-    copy of the working tree), ``BOOK_GIT_COMMIT`` names the commit the copy was made from."""
-    if os.environ.get("BOOK_GIT_COMMIT"):
-        return {"commit": os.environ["BOOK_GIT_COMMIT"], "dirty": None}
+    copy of the working tree), ``BOOK_GIT_COMMIT`` names the commit the copy was made from (and
+    ``BOOK_GIT_DIRTY`` = 1/0 whether the tree had changes); ``tools/run_notebooks.py`` sets both at the start of
+    a run, so that a record names the code the run started from even if the checkout moves meanwhile."""
+    if os.environ.get("BOOK_GIT_COMMIT"):          # also set by tools/run_notebooks.py: the commit at the run's start
+        dirty = {"1": True, "0": False}.get(os.environ.get("BOOK_GIT_DIRTY", ""))
+        return {"commit": os.environ["BOOK_GIT_COMMIT"], "dirty": dirty}
     root = root or book_root()
     try:
         head = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=root, capture_output=True, text=True,
