@@ -13,7 +13,7 @@ from groundup.cnn import (CifarClassifier, LeNet5, Lookahead, Normalize, Recipe,
                           conv2d_backward, conv2d_unfold, conv_output_size, epoch_augmentation, extract_features,
                           im2col, init_std, initialize_, load_cifar_classifier, max_pool2d_unfold, patch_whitening,
                           predict, save_cifar_classifier, smoothed_cross_entropy, train_classifier, translate_flip,
-                          triangle_lr)
+                          triangle_lr, weights_sha256)
 from groundup.runtime import batch_indices
 
 
@@ -261,6 +261,33 @@ def test_classifier_checkpoint_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("BOOK_PROFILE", "full")                    # the full profile never uses a smoke classifier
     with pytest.raises(FileNotFoundError):
         load_cifar_classifier()
+
+
+def test_classifier_hash_names_its_weights_and_cpu_file_is_found(tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOK_CHECKPOINT_DIR", str(tmp_path))
+    monkeypatch.setenv("BOOK_PROFILE", "full")
+    torch.manual_seed(0)
+    model = CifarClassifier((4, 8, 8)).eval()
+    model.init_whitening(torch.rand(20, 3, 32, 32))
+    digest = weights_sha256(model)
+    assert len(digest) == 12 and digest == weights_sha256(model)
+    other = CifarClassifier((4, 8, 8))
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        other.head.weight[0, 0] += 1e-6                           # one weight changed: another hash
+    assert weights_sha256(other) != digest
+
+    save_cifar_classifier(model, classifier_path("cpu"), profile="cpu")
+    loaded = load_cifar_classifier()                              # no full file: the cpu one
+    assert loaded.info["profile"] == "cpu" and loaded.info["weights_sha256"] == digest
+    assert weights_sha256(loaded) == digest
+
+    save_cifar_classifier(other, tmp_path / "tampered.safetensors")
+    from groundup.checkpoint import read_extra, save_checkpoint
+    extra = read_extra(tmp_path / "tampered.safetensors")
+    save_checkpoint(tmp_path / "tampered.safetensors", other, step=0, extra=extra | {"weights_sha256": digest})
+    with pytest.raises(ValueError, match="hash"):
+        load_cifar_classifier(tmp_path / "tampered.safetensors")
 
 
 def test_float64_work_leaves_mps_for_the_cpu():

@@ -4,10 +4,9 @@
 
 # %% notebooks/03_cnn_cifar10.ipynb, cell 3
 import hashlib
-import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from groundup.basics import accuracy
 from groundup.checkpoint import checkpoint_dir, load_checkpoint, read_extra, save_checkpoint
 from groundup.data import load_cifar10
 from groundup.mlp import cosine_lr, evaluate
-from groundup.runtime import autocast, batch_indices, get_profile, progress, sync
+from groundup.runtime import autocast, batch_indices, get_profile, progress, run_tag, sync
 
 
 # %% notebooks/03_cnn_cifar10.ipynb, cell 6
@@ -243,12 +242,6 @@ class Lookahead(nn.Module):
             state[k].copy_(slow)
 
 
-def recipe_tag(recipe: Recipe, **more) -> str:
-    """A short stable hash of a recipe (and anything else that shapes a run), for checkpoint names."""
-    text = json.dumps(asdict(recipe) | more, sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
-
-
 def train_classifier(model: nn.Module, X: torch.Tensor, y: torch.Tensor, X_eval: torch.Tensor, y_eval: torch.Tensor,
                      recipe: Recipe, *, checkpoint=None, device="cpu", compile: bool = False, desc: str = "training"):
     """Train an image classifier (inputs in [0, 1]) with SGD by `recipe`; evaluate and checkpoint every epoch,
@@ -431,23 +424,38 @@ def classifier_path(profile: str | None = None) -> Path:
                                else f"{CLASSIFIER_NAME}_{profile}.safetensors")
 
 
+def weights_sha256(model: nn.Module) -> str:
+    """First 12 hex digits of a SHA-256 over the model's state (names, dtypes, shapes and values, in order):
+    which weights these are, whatever file or device they came from."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())     # the raw bytes of the values
+    return h.hexdigest()[:12]
+
+
 def save_cifar_classifier(model: CifarClassifier, path, **info) -> Path:
-    """Save the classifier's weights with its architecture, normalization and `info` in the checkpoint's extra."""
+    """Save the classifier's weights with its architecture, normalization, the hash of its weights and
+    `info` in the checkpoint's extra."""
     extra = {"widths": list(model.widths), "logit_scale": model.logit_scale,
-             "mean": model.normalize.mean.flatten().tolist(), "std": model.normalize.std.flatten().tolist()} | info
+             "mean": model.normalize.mean.flatten().tolist(), "std": model.normalize.std.flatten().tolist(),
+             "weights_sha256": weights_sha256(model)} | info
     return save_checkpoint(path, model, step=0, extra=extra)
 
 
 def load_cifar_classifier(path=None, device="cpu") -> CifarClassifier:
     """The classifier trained in chapter 03, in eval mode; its `.info` holds the checkpoint's extra
-    (normalization mean/std, test accuracy, profile, device). Without `path`: the full-profile file, or in
-    the smoke profile the smoke file when there is no full one."""
+    (normalization mean/std, test accuracy, profile, device, weights_sha256). Without `path`: the
+    full-profile file, else the cpu-profile one, else (in the smoke profile only) the smoke one."""
     if path is None:
-        candidates = [classifier_path("full")] + ([classifier_path("smoke")] if get_profile() == "smoke" else [])
+        candidates = [classifier_path("full"), classifier_path("cpu")]
+        candidates += [classifier_path("smoke")] if get_profile() == "smoke" else []
         path = next((p for p in candidates if p.exists()), None)
         if path is None:
             raise FileNotFoundError(
-                f"no CIFAR-10 classifier found (looked for {', '.join(str(p) for p in candidates)}). "
+                f"no CIFAR-10 classifier found (looked for {', '.join(p.name for p in candidates)} in "
+                f"{candidates[0].parent}). "
                 "Run chapter 03 (notebooks/03_cnn_cifar10.ipynb) first: it trains the classifier and saves it "
                 "there. BOOK_CHECKPOINT_DIR chooses the folder.")
     path = Path(path)
@@ -457,6 +465,9 @@ def load_cifar_classifier(path=None, device="cpu") -> CifarClassifier:
     extra = read_extra(path)                       # the widths are needed before the model can be built
     model = CifarClassifier(extra["widths"], mean=extra["mean"], std=extra["std"], logit_scale=extra["logit_scale"])
     load_checkpoint(path, model, restore_rng=False)
+    if "weights_sha256" in extra and weights_sha256(model) != extra["weights_sha256"]:
+        raise ValueError(f"{path}: its weights hash to {weights_sha256(model)}, not the recorded "
+                         f"{extra['weights_sha256']}: the file was changed after chapter 03 saved it")
     model.info = extra | {"path": str(path)}
     return model.to(device).eval()
 
