@@ -29,6 +29,13 @@ def _toc_files():
     return files
 
 
+def _draft(path):
+    """A draft chapter (metadata ``groundup_draft``: why) is written and passes in smoke (nbmake) but has no
+    committed run yet: it carries no outputs and no results file and is not published in the toc.
+    ``tools/run_notebooks.py`` removes the mark when it makes a cpu or full run."""
+    return json.loads(path.read_text())["metadata"].get("groundup_draft")
+
+
 def test_there_are_chapters():
     assert NOTEBOOKS, "no notebooks found"
 
@@ -36,7 +43,10 @@ def test_there_are_chapters():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_name_and_toc(path):
     assert re.fullmatch(r"\d\d_[a-z0-9_]+\.ipynb", path.name)
-    assert f"notebooks/{path.stem}" in _toc_files(), f"{path.name} is not in _toc.yml"
+    if _draft(path):
+        assert f"notebooks/{path.stem}" not in _toc_files(), f"{path.name} is a draft: it is not published yet"
+    else:
+        assert f"notebooks/{path.stem}" in _toc_files(), f"{path.name} is not in _toc.yml"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -59,6 +69,9 @@ def test_setup_cell_installs_only_in_colab(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_committed_outputs_say_what_produced_them(path):
     nb = json.loads(path.read_text())
+    if _draft(path):                         # a draft commits no outputs (they would be a smoke run's)
+        assert "groundup" not in nb["metadata"] and not any(c.get("outputs") for c in nb["cells"])
+        return
     meta = nb["metadata"].get("groundup")
     assert meta, f"{path.name} was not executed by tools/run_notebooks.py (no groundup metadata)"
     assert meta["profile"] in ("smoke", "cpu", "full") and meta["device"]
@@ -69,6 +82,9 @@ def test_committed_outputs_say_what_produced_them(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_results_file_matches_the_committed_run(path):
     results = ROOT / "results" / f"{path.stem}.json"
+    if _draft(path):
+        assert not results.exists(), f"{path.name} is a draft: results/ holds only committed runs"
+        return
     assert results.exists(), f"missing {results.relative_to(ROOT)}"
     record = json.loads(results.read_text())
     meta = json.loads(path.read_text())["metadata"]["groundup"]

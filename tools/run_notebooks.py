@@ -125,6 +125,8 @@ def run(path: Path, fresh: bool = False) -> float:
         "load_average": round(load, 2),
     }
     cores = os.cpu_count() or 1
+    if get_profile() in ("cpu", "full"):     # a committed run: the chapter is no longer a draft
+        nb.metadata.pop("groundup_draft", None)
     stamp_header(nb, get_profile(), device_name(get_device()), seconds, nb.metadata["groundup"]["executed"][:10],
                  load=load if load > cores + 0.5 else None)
     nbformat.write(nb, path)
