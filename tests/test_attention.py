@@ -222,3 +222,30 @@ def test_train_copy_model_resumes_exactly(tmp_path, monkeypatch):
         assert torch.equal(a, b)
     assert h1["train"] == h2["train"] and h1["grad_norm"] == h2["grad_norm"] and len(h2["train"]) == 12
     assert h1["train"][-1][1] < h1["train"][0][1]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_mha_combines_an_additive_mask_with_padding_and_causal_masks(fused, is_causal):
+    """A float (additive) attn_mask together with a boolean key-padding mask (and is_causal): the same result
+    as one boolean mask that says the same, where the additive mask is 0 or -inf; and a finite additive bias
+    is added on top of the padding."""
+    torch.manual_seed(0)
+    B, T, E = 2, 5, 8
+    mha = MultiHeadAttention(E, 2, fused=fused).double().eval()
+    x = torch.randn(B, T, E, dtype=torch.float64)
+    pad = padding_mask(torch.tensor([5, 3]), T)                                   # (B, S) boolean
+    allowed = torch.rand(T, T, generator=torch.Generator().manual_seed(1)) > 0.3
+    allowed |= torch.eye(T, dtype=torch.bool)                                     # no query loses every key
+    need = not fused
+    out_bool, _ = mha(x, x, x, key_padding_mask=pad, attn_mask=allowed, is_causal=is_causal, need_weights=need)
+    out_add, _ = mha(x, x, x, key_padding_mask=pad, attn_mask=additive_mask(allowed, torch.float64),
+                     is_causal=is_causal, need_weights=need)
+    torch.testing.assert_close(out_add, out_bool, rtol=0, atol=1e-12)
+    bias = torch.randn(T, T, dtype=torch.float64)                                 # a finite additive bias
+    full = pad[:, None, None, :] & (causal_mask(T) if is_causal else True)
+    want = F.scaled_dot_product_attention(*(mha.split_heads(F.linear(x, w, b)) for w, b in
+                                            zip(mha.in_proj_weight.chunk(3), mha.in_proj_bias.chunk(3))),
+                                          attn_mask=additive_mask(full, torch.float64) + bias)
+    got, _ = mha(x, x, x, key_padding_mask=pad, attn_mask=bias, is_causal=is_causal, need_weights=need)
+    torch.testing.assert_close(got, mha.out_proj(mha.merge_heads(want)), rtol=0, atol=1e-12)

@@ -291,3 +291,15 @@ def test_get_batch_makes_its_indices_on_the_data_device():
         get_batch(data, 7, 4, 30, seed=5)
     names = {e.key for e in prof.key_averages()}
     assert not names & {"aten::to", "aten::_to_copy", "aten::copy_", "aten::item", "aten::_local_scalar_dense"}, names
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_sample_and_evaluate_restore_the_models_mode(training):
+    """Sampling or validating in the middle of a run must not switch dropout on or off for what follows."""
+    torch.manual_seed(0)
+    model = CharRNN(10, emb=4, hidden=8, layers=2, dropout=0.5).train(training)
+    sample(model, torch.tensor([1, 2]), 3, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert model.training is training and model.rnn.training is training
+    x = torch.randint(0, 10, (2, 6))
+    evaluate(model, [(x[:, :-1], x[:, 1:])], loss=recurrent_loss)
+    assert model.training is training and model.rnn.training is training

@@ -3,6 +3,7 @@
 
 
 # %% notebooks/05_attention.ipynb, cell 3
+import functools
 import math
 import os
 import statistics
@@ -34,6 +35,17 @@ def padding_mask(lengths: torch.Tensor, S: int) -> torch.Tensor:
 def additive_mask(mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """A boolean mask in the additive form of eq. (5): 0 where True, -inf where False."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def combine_masks(masks: list, dtype=torch.float32):
+    """One mask that allows what all of ``masks`` allow (None if there are none): their AND if all are
+    boolean, else the sum of their additive forms (a boolean mask becomes 0 / -inf), eq. (5)."""
+    if not masks:
+        return None
+    if all(m.dtype == torch.bool for m in masks):
+        return functools.reduce(torch.logical_and, masks)
+    return functools.reduce(torch.add, [additive_mask(m, dtype) if m.dtype == torch.bool else m.to(dtype)
+                                        for m in masks])
 
 
 # %% notebooks/05_attention.ipynb, cell 21
@@ -106,22 +118,22 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, query, key, value, *, key_padding_mask=None, attn_mask=None, is_causal: bool = False,
                 need_weights: bool = True, average_attn_weights: bool = True):
-        """query (B, T, E), key and value (B, S, E); key_padding_mask (B, S) and attn_mask (T, S) or
-        (B, H, T, S), boolean, True = may attend. Returns (output (B, T, E), weights or None): the
-        weights are (B, T, S) averaged over heads, or (B, H, T, S) with average_attn_weights=False."""
+        """query (B, T, E), key and value (B, S, E); key_padding_mask (B, S), boolean, True = a real key;
+        attn_mask (T, S) or (B, H, T, S), boolean (True = may attend) or additive (float, added to the
+        scores). Returns (output (B, T, E), weights or None): the weights are (B, T, S) averaged over
+        heads, or (B, H, T, S) with average_attn_weights=False."""
         T, S = query.shape[1], key.shape[1]
         W_q, W_k, W_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
         q = self.split_heads(F.linear(query, W_q, b_q))                   # X_q W^Q_h for every head h: (B, H, T, d_k)
         k = self.split_heads(F.linear(key, W_k, b_k))                     # (B, H, S, d_k)
         v = self.split_heads(F.linear(value, W_v, b_v))                   # (B, H, S, d_k)
-        mask = None
+        masks = [] if attn_mask is None else [attn_mask]
         if key_padding_mask is not None:
-            mask = key_padding_mask[:, None, None, :]                     # (B, 1, 1, S): every head and query
-        if attn_mask is not None:
-            mask = attn_mask if mask is None else mask & attn_mask
-        if is_causal and mask is not None:                                # one mask: causal AND the others
-            mask, is_causal = mask & causal_mask(T, S, device=query.device), False
+            masks.append(key_padding_mask[:, None, None, :])              # (B, 1, 1, S): every head and query
+        if is_causal and masks:                                           # one mask: causal AND the others
+            masks, is_causal = masks + [causal_mask(T, S, device=query.device)], False
+        mask = combine_masks(masks, q.dtype)
         if self.fused and not need_weights:
             heads, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal), None
         else:
@@ -246,7 +258,8 @@ def next_token_loss(model: nn.Module, batch, state=None, *, causal: bool = True)
 @torch.no_grad()
 def evaluate_copy(model: nn.Module, data: torch.Tensor, *, causal: bool = True, device="cpu") -> dict:
     """Teacher-forced loss (nats) on the random first half and on the copy, and the accuracy of greedy
-    generation of the copy given x_1..x_n SEP."""
+    generation of the copy given x_1..x_n SEP. The model's train/eval mode is restored."""
+    was_training = model.training
     model.eval()
     data = data.to(device)
     n = (data.shape[1] - 1) // 2
@@ -258,7 +271,7 @@ def evaluate_copy(model: nn.Module, data: torch.Tensor, *, causal: bool = True, 
         with autocast(device):
             next_token = model(seq, causal=causal)[:, -1].float().argmax(-1)
         seq = torch.cat([seq, next_token[:, None]], dim=1)
-    model.train()
+    model.train(was_training)
     return {"loss_random_half": nll[:, :n - 1].mean().item(),           # predicting x_2..x_n: chance is log(vocab)
             "loss_copy": nll[:, n:].mean().item(),                       # predicting the copy
             "generation_accuracy": (seq[:, n + 1:] == data[:, n + 1:]).float().mean().item()}

@@ -194,7 +194,21 @@ def decode(ids, vocab: list[str]) -> str:
     return "".join(vocab[int(i)] for i in ids)
 
 
-# %% notebooks/04_rnn_lstm_gru.ipynb, cell 51
+# %% notebooks/04_rnn_lstm_gru.ipynb, cell 49
+def ngram_baseline(train: torch.Tensor, val: torch.Tensor, order: int, vocab_size: int,
+                   alpha: float = 0.1) -> float:
+    """Validation nats/token of add-alpha smoothed unigram (order 1) or bigram (order 2) frequencies
+    counted on ``train``: the baselines every language model of the book must beat."""
+    V = vocab_size
+    if order == 1:
+        p = (torch.bincount(train, minlength=V) + alpha).double()
+        return -(p / p.sum()).log()[val].mean().item()
+    counts = torch.bincount(train[:-1] * V + train[1:], minlength=V * V).view(V, V).double() + alpha
+    logp = (counts / counts.sum(1, keepdim=True)).log()
+    return -logp[val[:-1], val[1:]].mean().item()
+
+
+# %% notebooks/04_rnn_lstm_gru.ipynb, cell 52
 class CharRNN(nn.Module):
     """Embedding -> recurrent layers (nn.LSTM/GRU/RNN, or ours with ours=True) -> linear readout.
     Dropout on the non-recurrent connections; the forget gate's bias starts at ``forget_bias``."""
@@ -224,7 +238,7 @@ class CharRNN(nn.Module):
         return self.head(self.drop(out)), state
 
 
-# %% notebooks/04_rnn_lstm_gru.ipynb, cell 55
+# %% notebooks/04_rnn_lstm_gru.ipynb, cell 56
 def stream_batches(data: torch.Tensor, block: int, streams: int = 64):
     """Validation batches for eq. (14) over the whole of ``data``: read as ``streams`` contiguous streams, in
     chunks (x, y) of up to ``block`` characters, in order, so that the state can be carried along."""
@@ -245,12 +259,13 @@ def recurrent_loss(model: nn.Module, batch, state=None):
     return cross_entropy(logits.float().flatten(0, 1), y.flatten()), state
 
 
-# %% notebooks/04_rnn_lstm_gru.ipynb, cell 63
+# %% notebooks/04_rnn_lstm_gru.ipynb, cell 64
 @torch.no_grad()
 def sample(model: nn.Module, prompt: torch.Tensor, n: int, temperature: float = 1.0,
            generator: torch.Generator | None = None) -> list[int]:
     """Continue the token ids ``prompt`` (1-D) by n tokens drawn from softmax(logits / temperature), eq. (16);
-    temperature 0 is greedy. The state is carried from token to token."""
+    temperature 0 is greedy. The state is carried from token to token. The model's train/eval mode is restored."""
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     logits, state = model(prompt[None].to(device))                 # read the prompt
@@ -263,5 +278,5 @@ def sample(model: nn.Module, prompt: torch.Tensor, n: int, temperature: float = 
             nxt = int(torch.multinomial(torch.softmax(z / temperature, dim=-1), 1, generator=generator))
         out.append(nxt)
         logits, state = model(torch.tensor([[nxt]], device=device), state)
-    model.train()
+    model.train(was_training)
     return out

@@ -22,7 +22,7 @@ def detach_state(state):
     return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
 
 
-# %% notebooks/04_rnn_lstm_gru.ipynb, cell 54
+# %% notebooks/04_rnn_lstm_gru.ipynb, cell 55
 def warmup_cosine_lr(step: int, *, steps: int, lr: float, min_lr: float = 0.0, warmup: int = 0) -> float:
     """Linear warmup over ``warmup`` steps to ``lr``, then chapter 02's cosine decay from ``lr`` to ``min_lr``
     at step ``steps`` (held there after): eq. (15)."""
