@@ -109,7 +109,7 @@ def run(path: Path, fresh: bool = False) -> float:
     os.environ["BOOK_GIT_DIRTY"] = {True: "1", False: "0"}.get(at_start["dirty"], "")
     os.environ.setdefault("BOOK_RESULTS_DIR", str(book_root() / "results"))   # the committed records
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=1800, kernel_name="python3", record_timing=False,
+    client = NotebookClient(nb, timeout=4 * 3600, kernel_name="python3", record_timing=False,
                             store_widget_state=True, resources={"metadata": {"path": str(path.parent)}})
     start, load_before = time.perf_counter(), _load()
     client.execute()
