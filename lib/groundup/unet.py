@@ -404,7 +404,7 @@ def from_diffusers_unet(ref, null_class: bool = False) -> UNet:
     return model.to(device=p.device, dtype=p.dtype).train(ref.training)
 
 
-# %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 40
+# %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 42
 @torch.no_grad()
 def sample_images(diffusion: GaussianDiffusion, model: nn.Module, n: int, *, batch_size: int = 500, seed: int = 0,
                   device="cpu", image_shape=(3, 32, 32), progress_bar: bool = True, sampler=None,
