@@ -75,24 +75,10 @@ def test_normal_kl_matches_torch_distributions():
     assert (normal_kl(m1, l1, m2, l2) - ref).abs().max() < 1e-12
 
 
-@pytest.mark.parametrize("mean,scale", [(0.0, 0.1), (0.95, 1e-3), (-1.2, 0.02), (0.4, 3.0), (0.123, 1e-5)])
-def test_discretized_likelihood_sums_to_one_and_matches_cdf(mean, scale):
-    k = torch.arange(256, dtype=torch.float64)
-    x = k / 127.5 - 1
-    logp = discretized_gaussian_log_likelihood(x, torch.full_like(x, mean), torch.full_like(x, math.log(scale)))
-    assert abs(logp.exp().sum().item() - 1) < 1e-9
-    normal = torch.distributions.Normal(torch.tensor(mean, dtype=torch.float64), torch.tensor(scale, dtype=torch.float64))
-    upper = torch.where(k == 255, 1.0, normal.cdf(x + 1 / 255))
-    lower = torch.where(k == 0, 0.0, normal.cdf(x - 1 / 255))
-    assert (logp.exp() - (upper - lower)).abs().max() < 1e-11
-
-
-def test_discretized_likelihood_rejects_unscaled_pixels():
-    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        discretized_gaussian_log_likelihood(torch.tensor([255.0]), torch.zeros(1), torch.zeros(1))
-    # off the CPU the range is not read back (a host sync per hybrid-loss step); the meta device cannot be read
-    x = torch.zeros(3, device="meta")
-    assert discretized_gaussian_log_likelihood(x, x, x).shape == (3,)
+def test_the_decoder_is_chapter_14s():
+    """Chapter 17's decoder L_0 is chapter 14's discretized Gaussian (tested in test_vae.py), not a copy."""
+    from groundup import iddpm, vae
+    assert iddpm.discretized_gaussian_log_likelihood is vae.discretized_gaussian_log_likelihood
 
 
 def test_learned_range_step_matches_diffusers():

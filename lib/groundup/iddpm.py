@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from groundup.ddpm import GaussianDiffusion
 from groundup.runtime import autocast, progress
+from groundup.vae import discretized_gaussian_log_likelihood   # chapter 14, eq. (15a): the decoder (10)-(11)
 
 
 # %% notebooks/17_improved_ddpm.ipynb, cell 7
@@ -121,28 +122,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
-# %% notebooks/17_improved_ddpm.ipynb, cell 22
-def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    """Eq. (10)-(11): log p(x) per element, in nats, of the 8-bit decoder: x holds pixel values k in {0..255} scaled
-    to [-1, 1] (x = k / 127.5 - 1); the bin of x is [x - 1/255, x + 1/255], widened to -inf at x = -1 and to +inf
-    at x = 1, and its probability is the mass of N(mean, exp(log_scale)^2) on that bin. The range of x is checked
-    on the CPU (on a GPU, reading x.min() back would stall every training step of the hybrid loss)."""
-    if x.device.type == "cpu" and (x.min() < -1 - 1e-6 or x.max() > 1 + 1e-6):
-        raise ValueError("x must be 8-bit pixel values scaled to [-1, 1] (x = k / 127.5 - 1)")
-    inv_std = torch.exp(-log_scale)
-    upper = (x - mean + 1 / 255) * inv_std                           # standardized upper edge of the bin
-    lower = (x - mean - 1 / 255) * inv_std                           # standardized lower edge
-    # Phi(upper) - Phi(lower), computed in whichever tail keeps it accurate: by symmetry it equals
-    # Phi(-lower) - Phi(-upper), the better form when the bin lies right of the mean
-    mid = torch.where(lower > 0, torch.special.ndtr(-lower) - torch.special.ndtr(-upper),
-                      torch.special.ndtr(upper) - torch.special.ndtr(lower))
-    log_mid = torch.log(mid.clamp(min=1e-12))
-    return torch.where(x < -0.999, torch.special.log_ndtr(upper),      # eq. (11): first bin, (-inf, x + 1/255]
-                       torch.where(x > 0.999, torch.special.log_ndtr(-lower),   # last bin, [x - 1/255, +inf)
-                                   log_mid))                          # eq. (10)
-
-
-# %% notebooks/17_improved_ddpm.ipynb, cell 25
+# %% notebooks/17_improved_ddpm.ipynb, cell 24
 LOG2 = math.log(2.0)
 
 
@@ -207,7 +187,7 @@ def nll_bpd(diffusion: ImprovedDiffusion, model, x0: torch.Tensor, *, t_samples:
     return {"bpd": prior + total, "prior": prior, "terms": terms if t_samples is None else None, "t": ts.cpu()}
 
 
-# %% notebooks/17_improved_ddpm.ipynb, cell 28
+# %% notebooks/17_improved_ddpm.ipynb, cell 27
 def hybrid_loss(diffusion: ImprovedDiffusion, model, x0: torch.Tensor, generator=None, *, t=None, noise=None,
                 model_kwargs: dict | None = None, prediction_type: str | None = None) -> dict:
     """Eq. (14): L_simple + lambda * T * L_t, t ~ Uniform{0..T-1} (an unbiased estimate of L_simple + lambda L_vlb),
@@ -230,7 +210,7 @@ def hybrid_loss(diffusion: ImprovedDiffusion, model, x0: torch.Tensor, generator
     return {"loss": loss, "mse": mse, "vlb": vlb}
 
 
-# %% notebooks/17_improved_ddpm.ipynb, cell 33
+# %% notebooks/17_improved_ddpm.ipynb, cell 32
 def spaced_timesteps(T: int, K: int) -> torch.Tensor:
     """K of the T timesteps, evenly spaced from 0 to T - 1 and rounded (diffusers' timestep_spacing="linspace";
     the authors' code strides the same way). Increasing, int64."""
@@ -257,7 +237,7 @@ def respace(diffusion: GaussianDiffusion, timesteps) -> ImprovedDiffusion:
                              prediction_type=diffusion.prediction_type)
 
 
-# %% notebooks/17_improved_ddpm.ipynb, cell 38
+# %% notebooks/17_improved_ddpm.ipynb, cell 37
 @torch.no_grad()
 def ddim_step(diffusion: GaussianDiffusion, model, xt: torch.Tensor, t, *, eta: float = 0.0, generator=None,
               clip_x0=1.0, model_kwargs: dict | None = None, prediction_type: str | None = None) -> torch.Tensor:
