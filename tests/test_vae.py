@@ -275,3 +275,18 @@ def test_iwae_evaluation_shows_progress(monkeypatch):
     assert calls == []
     evaluate_vae(model, X_eval, K=5, batch_size=8)
     assert calls == ["L_5 on 20 images"]
+
+
+def test_discretized_decoder_mean_is_bounded_to_the_data_range():
+    # the open end bins of (15a) reward a mean below -1 without end; the decoder keeps it in (-1, 1)
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(hidden=8, n_hidden=1, z_dim=2, likelihood="discretized_gaussian"))
+    with torch.no_grad():
+        model.decoder[-1].bias.fill_(-50.0)                     # a network pushing every output far below -1
+        mean, logvar = model.decode(torch.randn(4, 2))
+    assert mean.shape == logvar.shape == (4, 784)
+    assert (mean >= -1).all() and (mean <= 1).all()
+    gauss = VAE(VAEConfig(hidden=8, n_hidden=1, z_dim=2, likelihood="gaussian"))
+    with torch.no_grad():
+        gauss.decoder[-1].bias.fill_(-50.0)                     # the density's mean is not bounded
+        assert (gauss.decode(torch.randn(4, 2))[0] < -1).all()

@@ -154,7 +154,8 @@ class VAE(nn.Module):
         return mu, logvar
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Bernoulli: (logits, None). Gaussian: (mean, log variance)."""
+        """Bernoulli: (logits, None). Gaussian: (mean, log variance); for the discretized Gaussian
+        the mean is tanh of the network's output, inside the data's range [-1, 1]."""
         out = self.decoder(z)
         if self.cfg.likelihood == "bernoulli":
             return out, None
@@ -163,6 +164,8 @@ class VAE(nn.Module):
             floor = (DISCRETIZED_MIN_LOGVAR if self.cfg.likelihood == "discretized_gaussian"
                      else self.cfg.min_logvar)
             logvar = floor + F.softplus(raw - floor)                           # a smooth floor
+            if self.cfg.likelihood == "discretized_gaussian":
+                mean = torch.tanh(mean)    # in (-1, 1): the open end bins of (15a) reward a mean without bound
             return mean, logvar
         return out, torch.full_like(out, 2 * math.log(self.cfg.decoder_std))
 
