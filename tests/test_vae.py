@@ -257,6 +257,26 @@ def test_train_vae_resumes_exactly(tmp_path, monkeypatch, likelihood):
     assert h1 == h2 and len(h2["train"]) == 40
 
 
+@pytest.mark.parametrize("with_checkpoint", [False, True])
+def test_keep_best_returns_the_weights_of_the_best_evaluation(tmp_path, with_checkpoint):
+    """keep_best ends with the weights whose held-out -ELBO was lowest, not the last ones: a learning rate far
+    too high makes the last evaluation worse than an earlier one, and the returned model must score the best."""
+    X = _toy_images()
+    X_eval = prepare_batch(X[:16], "discretized_gaussian", torch.Generator().manual_seed(0))
+    cfg = VAEConfig(x_dim=16, hidden=12, n_hidden=1, z_dim=2, likelihood="discretized_gaussian")
+    ckpt = tmp_path / "vae.safetensors" if with_checkpoint else None
+    torch.manual_seed(0)
+    model = VAE(cfg)
+    h = train_vae(model, X, steps=60, batch_size=8, lr=0.3, seed=0, X_eval=X_eval, eval_every=5,
+                  keep_best=True, checkpoint=ckpt)
+    best_step, best = h["best"]
+    assert best == min(v for _, v in h["eval"]) and best < h["eval"][-1][1] - 1.0   # the last is not the best
+    assert evaluate_vae(model, X_eval)["neg_elbo"] == pytest.approx(best, rel=1e-6)
+    assert (tmp_path / "vae_best.safetensors").exists() == with_checkpoint
+    with pytest.raises(ValueError, match="keep_best needs X_eval"):
+        train_vae(VAE(cfg), X, steps=2, batch_size=8, lr=1e-3, seed=0, keep_best=True)
+
+
 def test_iwae_evaluation_shows_progress(monkeypatch):
     """L_K costs K decoder passes per image: evaluate_vae shows a progress bar over its batches when
     K > 0."""

@@ -259,18 +259,25 @@ def prepare_batch(images: torch.Tensor, likelihood: str, generator: torch.Genera
 
 def train_vae(model: VAE, X: torch.Tensor, *, steps: int, batch_size: int, lr: float, seed: int,
               X_eval: torch.Tensor | None = None, eval_every: int = 0, checkpoint=None, save_every: int = 500,
-              device="cpu") -> dict:
+              keep_best: bool = False, device="cpu") -> dict:
     """Maximize the ELBO (Algorithm 1 of Kingma & Welling) with chapter 01's Adam and chapter 02's cosine schedule.
 
     X: uint8 training images (N, 784), prepared by ``prepare_batch`` at every step. X_eval: the
     evaluation
     data, already prepared (fixed). Every random draw of step s comes from a generator seeded with (seed, s),
     so a run resumed from ``checkpoint`` ends with exactly the weights of one that never stopped.
-    Returns {"train": [(step, -ELBO), ...], "eval": [(step, -ELBO), ...], "kl": [(step, KL), ...]}."""
+    keep_best: end with the weights of the evaluation with the lowest -ELBO on X_eval (early stopping; X_eval
+    must then be held-out training images, never the test set), kept beside ``checkpoint`` as ``*_best``.
+    Returns {"train": [(step, -ELBO), ...], "eval": [(step, -ELBO), ...], "kl": [(step, KL), ...]}, and with
+    keep_best "best": (step, -ELBO) of the weights it returns."""
     if X.dtype != torch.uint8 or X.dim() != 2:
         raise ValueError(f"train_vae expects uint8 images of shape (N, {model.cfg.x_dim}); got {X.dtype} {tuple(X.shape)}")
+    if keep_best and not (X_eval is not None and eval_every):
+        raise ValueError("keep_best needs X_eval (held-out training images) and eval_every > 0")
     model.to(device)
     opt = Adam(model.parameters(), lr=lr)
+    best_path = checkpoint.with_name(checkpoint.stem + "_best" + checkpoint.suffix) if checkpoint else None
+    best_state = None                                  # in memory when there is no checkpoint to keep it beside
     start, history = 0, {"train": [], "eval": [], "kl": []}
     if checkpoint is not None and checkpoint.exists():
         start, extra = load_checkpoint(checkpoint, model, opt)
@@ -293,6 +300,17 @@ def train_vae(model: VAE, X: torch.Tensor, *, steps: int, batch_size: int, lr: f
         if X_eval is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             history["eval"].append((step + 1, evaluate_vae(model, X_eval.to(device))["neg_elbo"]))
             bar.set_postfix(eval_neg_elbo=f"{history['eval'][-1][1]:.2f}")
+            if keep_best and history["eval"][-1][1] <= min(v for _, v in history["eval"]):
+                if best_path is not None:
+                    save_checkpoint(best_path, model, step=step + 1)
+                else:
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if checkpoint is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
             save_checkpoint(checkpoint, model, opt, step=step + 1, extra={"history": history})
+    if keep_best:
+        if best_path is not None:
+            load_checkpoint(best_path, model, restore_rng=False)
+        elif best_state is not None:
+            model.load_state_dict(best_state)
+        history["best"] = min(history["eval"], key=lambda p: p[1])
     return history
