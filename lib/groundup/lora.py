@@ -35,9 +35,9 @@ class LoRALinear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias                # W_0 and b themselves, not copies
         self.r, self.alpha, self.scaling = r, alpha, alpha / r          # eq. (3)
         self.blocks, self.n_blocks, self.block_size = blocks, n_blocks, base.out_features // n_blocks
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(len(blocks) * r, base.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.empty(len(blocks), self.block_size, r, device=w.device, dtype=w.dtype))
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(len(blocks) * r, base.in_features, **like))      # the A_j
+        self.lora_B = nn.Parameter(torch.empty(len(blocks), self.block_size, r, **like))       # the B_j
         self.lora_dropout = nn.Dropout(dropout)
         self.merged = False
         self.reset_lora_parameters()
@@ -50,7 +50,7 @@ class LoRALinear(nn.Linear):
     def fused_B(self) -> torch.Tensor:
         """B_full of eq. (6), (out, len(blocks) r): B_j in the rows of block j and the columns of A_j, zero
         elsewhere, so that B_full @ lora_A touches only the rows of the adapted blocks."""
-        diag = torch.block_diag(*self.lora_B)                          # (len(blocks) block_size, len(blocks) r)
+        diag = torch.block_diag(*self.lora_B)             # (len(blocks) block_size, len(blocks) r)
         rows = iter(diag.split(self.block_size))
         zeros = diag.new_zeros(self.block_size, diag.shape[1])
         return torch.cat([next(rows) if j in self.blocks else zeros for j in range(self.n_blocks)])
@@ -89,7 +89,8 @@ class LoRALinear(nn.Linear):
 QKV = {"q": 0, "k": 1, "v": 2}                                        # the row blocks of c_attn: [q | k | v]
 
 
-def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float = 0.0, targets=("q", "v")) -> nn.Module:
+def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float = 0.0,
+             targets=("q", "v")) -> nn.Module:
     """Put LoRA into every block of a groundup GPT, in place, and freeze everything else; return the model.
     ``targets``: any of "q", "k", "v" (row blocks of the fused ``attn.c_attn``: one LoRALinear with a rank-r
     pair per named projection, eq. 6) and "o" (``attn.c_proj``); or "qkv", the whole fused c_attn as one
@@ -104,7 +105,8 @@ def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float = 0.0, ta
         if "qkv" in targets:
             attn.c_attn = LoRALinear(attn.c_attn, **kw)
         elif set(targets) & set(QKV):
-            attn.c_attn = LoRALinear(attn.c_attn, **kw, blocks=[QKV[t] for t in targets if t in QKV], n_blocks=3)
+            blocks = [QKV[t] for t in targets if t in QKV]
+            attn.c_attn = LoRALinear(attn.c_attn, **kw, blocks=blocks, n_blocks=3)
         if "o" in targets:
             attn.c_proj = LoRALinear(attn.c_proj, **kw)
     mark_only_lora_trainable(model)                                   # W_0 frozen: only A and B train
