@@ -125,6 +125,20 @@ def test_discretized_gaussian_edges_and_range():
         grey_levels(imgs.float())
 
 
+def test_discretized_gaussian_floors_every_bin_at_1e_12():
+    """A confident miss costs at most -log(1e-12) nats in every bin, the open edge bins included (without the
+    floor, a black pixel predicted white with sigma 1e-3 would cost ~2e6 nats), and the gradient stays finite."""
+    mean = torch.tensor([0.9, -0.9, 0.9, -0.5], requires_grad=True)
+    x = torch.tensor([-1.0, 1.0, 0.0, -0.5])
+    logp = discretized_gaussian_log_likelihood(x, mean, torch.full((4,), math.log(1e-3)))
+    assert torch.allclose(logp[:3], torch.full((3,), math.log(1e-12)))
+    assert -1e-3 < logp[3].item() <= 0                        # a hit keeps almost all its probability
+    logp.sum().backward()
+    assert torch.isfinite(mean.grad).all()
+    unclamped = torch.special.log_ndtr(torch.tensor((-1.0 - 0.9 + 1 / 255) / 1e-3))
+    assert unclamped < -1e6                                   # what the floor prevents
+
+
 def test_binarize_and_dequantize():
     imgs = torch.tensor([[0, 255, 128, 64]], dtype=torch.uint8)
     assert torch.equal(binarize(imgs, "threshold"), torch.tensor([[0.0, 1.0, 1.0, 0.0]]))
@@ -259,19 +273,19 @@ def test_train_vae_resumes_exactly(tmp_path, monkeypatch, likelihood):
 
 @pytest.mark.parametrize("with_checkpoint", [False, True])
 def test_keep_best_returns_the_weights_of_the_best_evaluation(tmp_path, with_checkpoint):
-    """keep_best ends with the weights whose held-out -ELBO was lowest, not the last ones: a learning rate far
-    too high makes the last evaluation worse than an earlier one, and the returned model must score the best."""
-    X = _toy_images()
-    X_eval = prepare_batch(X[:16], "discretized_gaussian", torch.Generator().manual_seed(0))
+    """keep_best ends with the weights whose held-out -ELBO was lowest, not the last ones. Trained on black
+    images and evaluated on white ones, the model gets worse at every evaluation: the best is the first."""
+    X = torch.zeros(64, 16, dtype=torch.uint8)
+    X_eval = prepare_batch(torch.full((8, 16), 255, dtype=torch.uint8), "discretized_gaussian", torch.Generator())
     cfg = VAEConfig(x_dim=16, hidden=12, n_hidden=1, z_dim=2, likelihood="discretized_gaussian")
     ckpt = tmp_path / "vae.safetensors" if with_checkpoint else None
     torch.manual_seed(0)
     model = VAE(cfg)
-    h = train_vae(model, X, steps=60, batch_size=8, lr=0.3, seed=0, X_eval=X_eval, eval_every=5,
+    h = train_vae(model, X, steps=60, batch_size=8, lr=1e-2, seed=0, X_eval=X_eval, eval_every=5,
                   keep_best=True, checkpoint=ckpt)
     best_step, best = h["best"]
-    assert best == min(v for _, v in h["eval"]) and best < h["eval"][-1][1] - 1.0   # the last is not the best
-    assert evaluate_vae(model, X_eval)["neg_elbo"] == pytest.approx(best, rel=1e-6)
+    assert best_step == 5 and best == h["eval"][0][1] and best < h["eval"][-1][1] - 0.1
+    assert evaluate_vae(model, X_eval)["neg_elbo"] == pytest.approx(best, rel=1e-6)   # the step-5 weights
     assert (tmp_path / "vae_best.safetensors").exists() == with_checkpoint
     with pytest.raises(ValueError, match="keep_best needs X_eval"):
         train_vae(VAE(cfg), X, steps=2, batch_size=8, lr=1e-3, seed=0, keep_best=True)

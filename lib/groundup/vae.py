@@ -91,7 +91,9 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor,
     """Eq. (15a): log P(x) per element, in nats, of the 8-bit decoder: x holds pixel values k in
     {0..255} scaled to [-1, 1] (x = k / 127.5 - 1); the bin of x is [x - 1/255, x + 1/255], widened
     to -inf at x = -1 and to +inf at x = 1, and its probability is the mass of
-    N(mean, exp(log_scale)^2) on that bin. The range of x is checked on the CPU only (on a GPU,
+    N(mean, exp(log_scale)^2) on that bin. Every bin's probability is floored at 1e-12, as in Ho et
+    al.'s code: one confidently wrong pixel costs at most -log(1e-12) = 27.6 nats, and the 256
+    probabilities still sum to 1 within 256e-12. The range of x is checked on the CPU only (on a GPU,
     reading x.min() back would stall every training step)."""
     if x.device.type == "cpu" and (x.min() < -1 - 1e-6 or x.max() > 1 + 1e-6):
         raise ValueError("x must be 8-bit pixel values scaled to [-1, 1] (x = k / 127.5 - 1)")
@@ -102,10 +104,13 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor,
     # Phi(-lower) - Phi(-upper), the better form when the bin lies right of the mean
     mid = torch.where(lower > 0, std_normal_cdf(-lower) - std_normal_cdf(-upper),
                       std_normal_cdf(upper) - std_normal_cdf(lower))
-    log_mid = torch.log(mid.clamp(min=1e-12))
-    return torch.where(x < -0.999, torch.special.log_ndtr(upper),        # first bin, (-inf, x^+]
-                       torch.where(x > 0.999, torch.special.log_ndtr(-lower),  # last, [x^-, +inf)
-                                   log_mid))                            # eq. (15a)
+    log_p = torch.where(x < -0.999, torch.special.log_ndtr(upper),       # first bin, (-inf, x^+]
+                        torch.where(x > 0.999, torch.special.log_ndtr(-lower),  # last, [x^-, +inf)
+                                    torch.log(mid.clamp(min=1e-12))))     # eq. (15a); no log(0) in backward
+    return log_p.clamp(min=LOG_MIN_BIN_PROB)
+
+
+LOG_MIN_BIN_PROB = math.log(1e-12)     # the floor of every bin's probability: 27.6 nats at most per pixel
 
 
 # %% notebooks/14_vae.ipynb, cell 21
