@@ -384,6 +384,9 @@ def to_hf_gpt2(model: GPT):
             raise ValueError(f"{key}: ours gives shape {tuple(src.shape)}, GPT2LMHeadModel needs {tuple(value.shape)}")
         state[key] = src.detach().to(value.dtype).clone()
     hf.load_state_dict(state)
+    # transformers picks a model's loss by matching its class name against names like "ForCausalLM";
+    # "GPT2LMHeadModel" matches none, so it would warn and fall back to that very loss: name it
+    hf.loss_type = "ForCausalLM"
     device = next(model.parameters()).device
     return hf.to(device).train(model.training)
 
