@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from conftest import Crash, crashing_progress
+from conftest import crash_then_resume
 
 import groundup.latent as latent
 from groundup.latent import (AutoencoderConfig, DiagonalGaussian, KLAutoencoder, autoencoder_loss,
@@ -151,19 +151,16 @@ def test_training_reduces_the_loss():
 def test_checkpoint_resume_is_exact(tmp_path, monkeypatch):
     cfg = AutoencoderConfig(block_out_channels=(8, 8), latent_channels=2)
     images = torch.rand(48, 1, 16, 16) * 2 - 1
-    kw = dict(steps=7, batch_size=8, lr=1e-3, kl_weight=1e-2, seed=2, save_every=3)
+
+    def train(model, checkpoint=None):
+        return train_autoencoder(model, images, steps=7, batch_size=8, lr=1e-3, kl_weight=1e-2,
+                                 seed=2, save_every=3, checkpoint=checkpoint)
+
     torch.manual_seed(0)
     straight = KLAutoencoder(cfg)
-    h1 = train_autoencoder(straight, images, **kw)
-    ckpt = tmp_path / "ae.safetensors"
-    monkeypatch.setattr(latent, "progress", crashing_progress(5))
-    torch.manual_seed(0)
-    with pytest.raises(Crash):
-        train_autoencoder(KLAutoencoder(cfg), images, **kw, checkpoint=ckpt)
-    monkeypatch.undo()
-    torch.manual_seed(99)
-    resumed = KLAutoencoder(cfg)
-    h2 = train_autoencoder(resumed, images, **kw, checkpoint=ckpt)
+    h1 = train(straight)
+    resumed, h2 = crash_then_resume(monkeypatch, latent, 5, train, lambda: KLAutoencoder(cfg),
+                                    tmp_path / "ae.safetensors")
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
     assert h1["loss"] == h2["loss"]
