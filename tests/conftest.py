@@ -98,3 +98,19 @@ def crashing_progress(at):
             pass
 
     return CrashingBar
+
+
+def crash_then_resume(monkeypatch, module, at: int, train, make_model, checkpoint):
+    """Run ``train(model, checkpoint=...)`` on a fresh ``make_model()`` until ``module``'s progress bar
+    kills it at step ``at``, then resume from ``checkpoint`` with another fresh model (made after a
+    different seed: everything must come from the checkpoint). Returns (resumed model, its result)."""
+    import torch
+
+    monkeypatch.setattr(module, "progress", crashing_progress(at))
+    torch.manual_seed(0)
+    with pytest.raises(Crash):
+        train(make_model(), checkpoint=checkpoint)
+    monkeypatch.undo()
+    torch.manual_seed(99)
+    resumed = make_model()
+    return resumed, train(resumed, checkpoint=checkpoint)

@@ -33,20 +33,24 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000, flip_
 
 # %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 11
 class ResnetBlock(nn.Module):
-    """Eq. (3): GN -> SiLU -> conv3x3, + time projection, GN -> SiLU -> dropout -> conv3x3, + skip"""
-    def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, groups: int, eps: float):
+    """Eq. (3): GN -> SiLU -> conv3x3, + time projection, GN -> SiLU -> dropout -> conv3x3, + skip.
+    temb_dim=None: no time projection (an autoencoder's block, chapter 19; diffusers' temb_channels=None)"""
+    def __init__(self, c_in: int, c_out: int, temb_dim: int | None, dropout: float, groups: int, eps: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, c_in, eps=eps)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_dim, c_out)
+        self.time_emb_proj = nn.Linear(temb_dim, c_out) if temb_dim is not None else None
         self.norm2 = nn.GroupNorm(groups, c_out, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]      # time enters after the first conv
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # time enters after the first conv
+        elif temb is not None:
+            raise ValueError("this block was built without a time projection (temb_dim=None)")
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
