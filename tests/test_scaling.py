@@ -181,3 +181,34 @@ def test_ddp_two_processes_equal_one_process_on_twice_the_batch(tmp_path):
     assert one["world_size"] == 1 and two["world_size"] == 2
     err = max((one["state"][k] - two["state"][k]).abs().max().item() for k in one["state"])
     assert err < 1e-10
+
+
+def test_loss_scaler_state_dict_is_grad_scalers():
+    ours, ref = LossScaler(init_scale=256.0, growth_interval=7), torch.amp.GradScaler("cpu")
+    ours.growth_tracker = 3
+    ref.load_state_dict(ours.state_dict())
+    assert ref.get_scale() == 256.0 and ref.state_dict()["_growth_tracker"] == 3
+    back = LossScaler()
+    back.load_state_dict(ref.state_dict())
+    assert back.state_dict() == ref.state_dict()
+
+
+def test_train_with_our_scaler_equals_train_with_grad_scaler():
+    from groundup.train import train
+
+    data = torch.randint(0, 50, (2000,), generator=torch.Generator().manual_seed(0))
+    cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    weights = []
+    for scaler in (None, LossScaler()):
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        history = train(model, lambda s: get_lm_batch(data, 16, 4, s, 0), steps=4, optimizer=opt,
+                        lr_at=lambda s: 1e-2, precision="fp16", scaler=scaler, eval_every=4)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        assert history["precision"] == "fp16"
+    assert torch.equal(weights[0], weights[1])
+    with pytest.raises(ValueError):
+        train(GPT(cfg), lambda s: get_lm_batch(data, 16, 4, s, 0), steps=1,
+              optimizer=torch.optim.SGD(GPT(cfg).parameters(), lr=0.1), lr_at=lambda s: 0.1,
+              precision="fp32", scaler=LossScaler())

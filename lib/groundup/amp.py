@@ -56,3 +56,14 @@ class LossScaler:
 
     def get_scale(self) -> float:
         return self.scale_value
+
+    def state_dict(self) -> dict:
+        """GradScaler's keys, so that a checkpoint (chapter 04's train) resumes the scale too."""
+        return {"scale": self.scale_value, "growth_factor": self.growth_factor,
+                "backoff_factor": self.backoff_factor, "growth_interval": self.growth_interval,
+                "_growth_tracker": self.growth_tracker}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale_value, self.growth_tracker = float(state["scale"]), int(state["_growth_tracker"])
+        self.growth_factor, self.backoff_factor = state["growth_factor"], state["backoff_factor"]
+        self.growth_interval = state["growth_interval"]
