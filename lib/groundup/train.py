@@ -81,14 +81,15 @@ def evaluate(model: nn.Module, batches, *, loss=lm_loss, carry_state: bool = Fal
 
 def train(model: nn.Module, batch, *, steps: int, optimizer: torch.optim.Optimizer, lr_at, loss=lm_loss,
           evaluate=None, eval_every: int = 100, grad_clip: float | None = None, precision: str = "auto",
-          grad_accum: int = 1, carry_state: bool = False, reset_state_every: int | None = None,
+          scaler=None, grad_accum: int = 1, carry_state: bool = False, reset_state_every: int | None = None,
           checkpoint=None, compile: bool = False, timing_skip: int = 1, desc: str = "training") -> dict:
     """The book's training loop. Step t: learning rate ``lr_at(t)`` in every group; for each of ``grad_accum``
     micro-batches ``batch(t * grad_accum + m)`` (a pure function of its index, so a resumed run sees the
     same data) the loss ``loss(model, batch, state) -> (loss, state)`` under the autocast of ``precision``
     and its backward pass; clip the global gradient norm to ``grad_clip`` (eq. 4; None: measure only);
-    one optimizer step. "fp16" scales the loss with a GradScaler and unscales the gradients before the
-    clip. With ``carry_state`` the state is detached (eq. 13) and passed on, reset to None every
+    one optimizer step. "fp16" scales the loss with ``scaler`` (default a torch.amp.GradScaler; chapter
+    11's LossScaler has its interface) and unscales the gradients before the clip. With ``carry_state``
+    the state is detached (eq. 13) and passed on, reset to None every
     ``reset_state_every`` steps (truncated BPTT). Every ``eval_every`` steps and at the end: the losses
     are read from the device (never per step), ``evaluate(model)`` gives the validation loss, and a
     checkpoint is written (``extra = {"history": ..., "scaler": ...}``); an existing checkpoint is resumed
@@ -104,7 +105,10 @@ def train(model: nn.Module, batch, *, steps: int, optimizer: torch.optim.Optimiz
     if carry_state and checkpoint is not None and (not reset_state_every or eval_every % reset_state_every):
         raise ValueError("a checkpoint holds no recurrent state: with carry_state, eval_every (where checkpoints "
                          "are written) must be a multiple of reset_state_every (where the state is reset)")
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    if precision == "fp16":
+        scaler = scaler if scaler is not None else torch.amp.GradScaler(device.type)
+    elif scaler is not None:
+        raise ValueError(f"a loss scaler is for precision='fp16', not {precision!r}")
     history = {"train": [], "grad_norm": [], "lr": [], "val": [], "train_seconds": [], "first_step_seconds": [],
                "timed_tokens": 0, "timed_seconds": 0.0}
     start = 0
