@@ -133,8 +133,9 @@ CELLS_JS = r"""return [...document.querySelectorAll('article table td')].map(td 
 
 
 def _same(text: str) -> str:
-    """Text as the site prints it: Sphinx's smart quotes, whitespace collapsed."""
-    return " ".join(text.replace("'", "\u2019").split())
+    """Text with Sphinx's smart quotes (an opening \u2018, a closing \u2019) made straight again and
+    whitespace collapsed: apply it to both sides of a comparison."""
+    return " ".join(text.replace("\u2018", "'").replace("\u2019", "'").split())
 
 MATH_ERRORS_JS = r"""
 return [...document.querySelectorAll('mjx-merror, .MathJax_Error, [data-mjx-error]')]
@@ -206,7 +207,7 @@ def _rows(root: Path, chapter: str | None = None) -> list[dict]:
 def test_results_page_cells_hold_whole_values(browser, server):
     """Every metric of every results/*.json row is one whole cell of the results page, in the metric column."""
     _open(browser, f"{server}/book/results.html", 1400)
-    cells = set(browser.execute_script(CELLS_JS))
+    cells = {_same(c) for c in browser.execute_script(CELLS_JS)}
     missing = [r["metric"] for r in _rows(ROOT) if _same(r["metric"]) not in cells]
     assert not missing, f"results page: rows whose metric is not one cell (split by a `|`?): {missing}"
 
@@ -219,7 +220,7 @@ PIPED = sorted(p.stem for p in (ROOT / "results").glob("*.json") if "|" in json.
 def test_chapter_results_table_cells_hold_whole_values(browser, server, chapter):
     """The chapter's own results table (a display(Markdown(...)) output) shows each metric in one cell."""
     _open(browser, f"{server}/notebooks/{chapter}.html", 1400)
-    cells = set(browser.execute_script(CELLS_JS))
+    cells = {_same(c) for c in browser.execute_script(CELLS_JS)}
     missing = [r["metric"] for r in _rows(ROOT, chapter) if _same(r["metric"]) not in cells]
     assert not missing, f"{chapter}: results rows whose metric is not one table cell: {missing}"
 
