@@ -91,3 +91,29 @@ def test_finding_fails_before_and_passes_after_the_patch():
     assert "PASSED test_what_max_period_does" in before.output
     assert after.passed, after.output
     assert hashlib.sha256(installed.read_bytes()).hexdigest() == digest
+
+
+def test_smallest_full_config_has_every_part_and_the_documented_size():
+    """The walk-through's config: every part present, the parameter count WALKTHROUGH.md states, and the shapes."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.activations import GEGLU
+
+    from groundup.contrib import SMALLEST_FULL_CONFIG
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SMALLEST_FULL_CONFIG).eval()
+    kinds = [type(m).__name__ for m in unet.modules()]
+    for part in ("Timesteps", "TimestepEmbedding", "CrossAttnDownBlock2D", "DownBlock2D", "Transformer2DModel",
+                 "BasicTransformerBlock", "UNetMidBlock2DCrossAttn", "UpBlock2D", "CrossAttnUpBlock2D",
+                 "Downsample2D", "Upsample2D", "ResnetBlock2D"):
+        assert part in kinds, part
+    assert kinds.count("BasicTransformerBlock") == 4 and sum(isinstance(m, GEGLU) for m in unet.modules()) == 4
+    block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    assert (block.attn1.to_k.in_features, block.attn2.to_k.in_features, block.attn1.heads) == (8, 12, 2)
+    n_params = sum(p.numel() for p in unet.parameters())
+    assert f"{n_params:,}" in (CONTRIB / "WALKTHROUGH.md").read_text()
+    assert n_params == 51_684
+    with torch.no_grad():
+        out = unet(torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 5, 12)).sample
+    assert out.shape == (2, 4, 8, 8)

@@ -27,6 +27,18 @@ import traceback
 from pathlib import Path
 
 
+# The smallest UNet2DConditionModel that still has every part chapter 21 walks through
+# (contrib/diffusers/WALKTHROUGH.md): two levels, one cross-attention and one plain block each way, the
+# cross-attention mid block, one resnet per down block. Note `attention_head_dim` is the number of heads.
+SMALLEST_FULL_CONFIG = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(8, 16), norm_num_groups=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=12, attention_head_dim=2,
+)
+
+
 class PatchError(ValueError):
     """A patch that cannot be parsed, or whose hunk does not match the file it is applied to."""
 
