@@ -1,5 +1,6 @@
-"""Chapter 21's upstream contribution: the pure-Python patch applier and the fails-before / passes-after
-round trip of `contrib/diffusers/test_finding.py` against copies of the installed diffusers."""
+"""Chapter 21's upstream contribution: the pure-Python patch applier and the fails-before /
+passes-after round trip of `contrib/diffusers/test_finding.py` against copies of the installed
+diffusers."""
 
 import hashlib
 import shutil
@@ -34,7 +35,8 @@ def test_apply_patch_changes_exactly_the_hunks(tmp_path):
     target = tmp_path / "pkg" / "mod.py"
     target.write_text(ORIGINAL)
     assert apply_patch(PATCH, tmp_path) == [target]
-    want = ORIGINAL.replace("line 4\n", "line four\nline four and a half\n").replace("line 16\n", "")
+    want = ORIGINAL.replace("line 4\n", "line four\nline four and a half\n")
+    want = want.replace("line 16\n", "")
     assert target.read_text() == want
 
 
@@ -61,12 +63,15 @@ def test_apply_patch_agrees_with_the_patch_program(tmp_path):
         (tmp_path / name / "pkg").mkdir(parents=True)
         (tmp_path / name / "pkg" / "mod.py").write_text(ORIGINAL)
     apply_patch(PATCH, tmp_path / "ours")
-    subprocess.run(["patch", "-p1", "-s", "-d", str(tmp_path / "theirs")], input=PATCH, text=True, check=True)
-    assert (tmp_path / "ours/pkg/mod.py").read_text() == (tmp_path / "theirs/pkg/mod.py").read_text()
+    subprocess.run(["patch", "-p1", "-s", "-d", str(tmp_path / "theirs")], input=PATCH, text=True,
+                   check=True)
+    ours, theirs = (tmp_path / name / "pkg" / "mod.py" for name in ("ours", "theirs"))
+    assert ours.read_text() == theirs.read_text()
 
 
 def test_the_diffusers_patch_applies_to_the_installed_files():
-    """Every hunk of fix.patch matches the installed diffusers (checked in memory, nothing written)."""
+    """Every hunk of fix.patch matches the installed diffusers (checked in memory, nothing
+    written)."""
     from groundup.contrib import apply_file_patch
 
     site = package_dir("diffusers")
@@ -74,17 +79,20 @@ def test_the_diffusers_patch_applies_to_the_installed_files():
         before = (site / file_patch.path).read_text()
         after = apply_file_patch(before, file_patch)
         assert after != before
-        assert "Controls the maximum frequency" in before and "Controls the maximum frequency" not in after
+        claim = "Controls the maximum frequency"
+        assert claim in before and claim not in after
 
 
 def test_finding_fails_before_and_passes_after_the_patch():
-    """The round trip: on a copy of the installed diffusers the docstring test fails (the finding is real) while
-    the behaviour test passes; on a patched copy both pass. The installed package is left as it was."""
+    """The round trip: on a copy of the installed diffusers the docstring test fails (the finding is
+    real) while the behaviour test passes; on a patched copy both pass. The installed package is
+    left as it was."""
     installed = package_dir("diffusers") / "models" / "embeddings.py"
     digest = hashlib.sha256(installed.read_bytes()).hexdigest()
     outcomes = round_trip(CONTRIB / "fix.patch", CONTRIB / "test_finding.py", in_process=True)
     before, after = outcomes["original"], outcomes["patched"]
-    assert "groundup-contrib-" in before.imported_from and before.imported_from.endswith("original/diffusers")
+    assert "groundup-contrib-" in before.imported_from
+    assert before.imported_from.endswith("original/diffusers")
     assert after.imported_from.endswith("patched/diffusers")
     assert not before.passed
     assert "FAILED test_docstring_says_what_max_period_does" in before.output
@@ -94,7 +102,8 @@ def test_finding_fails_before_and_passes_after_the_patch():
 
 
 def test_smallest_full_config_has_every_part_and_the_documented_size():
-    """The walk-through's config: every part present, the parameter count WALKTHROUGH.md states, and the shapes."""
+    """The walk-through's config: every part present, the parameter count WALKTHROUGH.md states, and
+    the shapes."""
     import torch
     from diffusers import UNet2DConditionModel
     from diffusers.models.activations import GEGLU
@@ -104,13 +113,15 @@ def test_smallest_full_config_has_every_part_and_the_documented_size():
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SMALLEST_FULL_CONFIG).eval()
     kinds = [type(m).__name__ for m in unet.modules()]
-    for part in ("Timesteps", "TimestepEmbedding", "CrossAttnDownBlock2D", "DownBlock2D", "Transformer2DModel",
-                 "BasicTransformerBlock", "UNetMidBlock2DCrossAttn", "UpBlock2D", "CrossAttnUpBlock2D",
-                 "Downsample2D", "Upsample2D", "ResnetBlock2D"):
+    for part in ("Timesteps", "TimestepEmbedding", "CrossAttnDownBlock2D", "DownBlock2D",
+                 "Transformer2DModel", "BasicTransformerBlock", "UNetMidBlock2DCrossAttn",
+                 "UpBlock2D", "CrossAttnUpBlock2D", "Downsample2D", "Upsample2D", "ResnetBlock2D"):
         assert part in kinds, part
-    assert kinds.count("BasicTransformerBlock") == 4 and sum(isinstance(m, GEGLU) for m in unet.modules()) == 4
+    assert kinds.count("BasicTransformerBlock") == 4
+    assert sum(isinstance(m, GEGLU) for m in unet.modules()) == 4
     block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
-    assert (block.attn1.to_k.in_features, block.attn2.to_k.in_features, block.attn1.heads) == (8, 12, 2)
+    widths = (block.attn1.to_k.in_features, block.attn2.to_k.in_features, block.attn1.heads)
+    assert widths == (8, 12, 2)
     n_params = sum(p.numel() for p in unet.parameters())
     assert f"{n_params:,}" in (CONTRIB / "WALKTHROUGH.md").read_text()
     assert n_params == 51_684

@@ -1,9 +1,10 @@
-"""The finding: `get_timestep_embedding`'s docstring says `max_period` "Controls the maximum frequency of
-the embeddings", but the maximum frequency is 1 whatever `max_period` is; `max_period` sets the minimum.
+"""The finding: `get_timestep_embedding`'s docstring says `max_period` "Controls the maximum
+frequency of the embeddings", but the maximum frequency is 1 whatever `max_period` is; `max_period`
+sets the minimum.
 
-Fails on diffusers 0.42.1 as installed (the docstring), passes on a copy with `fix.patch` applied. It imports
-diffusers normally, so `PYTHONPATH=<patched copy> pytest test_finding.py` tests the copy. The tests take no
-fixtures, so `groundup.contrib` can also call them in-process.
+Fails on diffusers 0.42.1 as installed (the docstring), passes on a copy with `fix.patch` applied.
+It imports diffusers normally, so `PYTHONPATH=<patched copy> pytest test_finding.py` tests the copy.
+The tests take no fixtures, so `groundup.contrib` can also call them in-process.
 """
 
 import math
@@ -17,8 +18,8 @@ DIM = 16  # half_dim = 8 frequencies
 def frequencies(max_period: float, shift: float) -> torch.Tensor:
     """The angular frequencies the function uses, read back from its output at t = 1.
 
-    With flip_sin_to_cos=False the first half is sin(w t) and the second cos(w t); every w is at most 1, so
-    atan2(sin, cos) at t = 1 returns w itself.
+    With flip_sin_to_cos=False the first half is sin(w t) and the second cos(w t); every w is at
+    most 1, so atan2(sin, cos) at t = 1 returns w itself.
     """
     emb = get_timestep_embedding(torch.tensor([1.0]), DIM, flip_sin_to_cos=False,
                                  downscale_freq_shift=shift, max_period=max_period)[0].double()
@@ -40,8 +41,9 @@ def max_period_doc() -> str:
 
 
 def test_what_max_period_does():
-    """The behaviour (true before and after the patch): the top frequency is 1 for every max_period, the
-    bottom one is max_period ** (-(half - 1) / (half - shift)), i.e. 1 / max_period for shift = 1."""
+    """The behaviour (true before and after the patch): the top frequency is 1 for every max_period,
+    the bottom one is max_period ** (-(half - 1) / (half - shift)), i.e. 1 / max_period for
+    shift = 1."""
     half = DIM // 2
     for shift in (0.0, 1.0):
         for max_period in (10.0, 10_000.0):

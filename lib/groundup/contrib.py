@@ -1,12 +1,15 @@
-"""Checking an upstream contribution: copy an installed package, apply a patch, run a test on both copies.
+"""Checking an upstream contribution: copy an installed package, apply a patch, run a test on both
+copies.
 
 Hand-written (not exported from a notebook). Chapter 21's contribution to diffusers lives in
-`contrib/diffusers/` (`fix.patch`, `test_finding.py`); `round_trip` shows that its test fails on the package as
-installed and passes on a patched copy, without touching the installed package and without network.
+`contrib/diffusers/` (`fix.patch`, `test_finding.py`); `round_trip` shows that its test fails on the
+package as installed and passes on a patched copy, without touching the installed package and
+without network.
 
-The patch is applied in pure Python (`apply_patch`), so a machine without the `patch` program works too. It
-accepts unified diffs whose paths are relative to the package directory (`--- a/models/embeddings.py`), and it
-refuses a hunk whose context or removed lines are not found in the file, rather than guess.
+The patch is applied in pure Python (`apply_patch`), so a machine without the `patch` program works
+too. It accepts unified diffs whose paths are relative to the package directory
+(`--- a/models/embeddings.py`), and it refuses a hunk whose context or removed lines are not found
+in the file, rather than guess.
 
 Run from the repository root: `python -m groundup.contrib contrib/diffusers/fix.patch
 contrib/diffusers/test_finding.py` prints both outcomes.
@@ -28,8 +31,9 @@ from pathlib import Path
 
 
 # The smallest UNet2DConditionModel that still has every part chapter 21 walks through
-# (contrib/diffusers/WALKTHROUGH.md): two levels, one cross-attention and one plain block each way, the
-# cross-attention mid block, one resnet per down block. Note `attention_head_dim` is the number of heads.
+# (contrib/diffusers/WALKTHROUGH.md): two levels, one cross-attention and one plain block each way,
+# the cross-attention mid block, one resnet per down block. Note `attention_head_dim` is the number
+# of heads.
 SMALLEST_FULL_CONFIG = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
     block_out_channels=(8, 16), norm_num_groups=4,
@@ -105,8 +109,8 @@ def parse_patch(text: str) -> list[FilePatch]:
 
 
 def apply_file_patch(text: str, patch: FilePatch, max_offset: int = 50) -> str:
-    """`text` with the hunks applied. A hunk's old lines must match exactly, at its stated line or within
-    `max_offset` lines of it (closest first); otherwise PatchError."""
+    """`text` with the hunks applied. A hunk's old lines must match exactly, at its stated line or
+    within `max_offset` lines of it (closest first); otherwise PatchError."""
     lines = text.splitlines(keepends=True)
     shift = 0  # how far earlier hunks moved the line numbers
     for hunk in patch.hunks:
@@ -121,7 +125,8 @@ def apply_file_patch(text: str, patch: FilePatch, max_offset: int = 50) -> str:
                 found = at
                 break
         if found is None:
-            raise PatchError(f"{patch.path}: hunk for line {hunk.old_start} does not match the file")
+            raise PatchError(
+                f"{patch.path}: hunk for line {hunk.old_start} does not match the file")
         ending = "\r\n" if lines and lines[0].endswith("\r\n") else "\n"
         lines[found:found + len(old)] = [line + ending for line in new]
         shift += len(new) - len(old) + (found - want)
@@ -129,8 +134,8 @@ def apply_file_patch(text: str, patch: FilePatch, max_offset: int = 50) -> str:
 
 
 def apply_patch(patch_text: str, root: Path) -> list[Path]:
-    """Apply a unified diff to the files under `root` (paths in the diff are relative to it). Every hunk is
-    checked before any file is written. Returns the files changed."""
+    """Apply a unified diff to the files under `root` (paths in the diff are relative to it). Every
+    hunk is checked before any file is written. Returns the files changed."""
     root = Path(root)
     results = {}
     for file_patch in parse_patch(patch_text):
@@ -158,8 +163,8 @@ def package_dir(name: str) -> Path:
 def copy_package(src: Path, dest_parent: Path, link: bool = True) -> Path:
     """Copy the package directory `src` into `dest_parent` (so that `dest_parent` goes on sys.path).
 
-    link=True makes real directories and symbolic links to the files (fast, and safe with `apply_patch`,
-    which replaces a link before writing); link=False copies every byte."""
+    link=True makes real directories and symbolic links to the files (fast, and safe with
+    `apply_patch`, which replaces a link before writing); link=False copies every byte."""
     dest = Path(dest_parent) / Path(src).name
     copy = os.symlink if link else shutil.copy2
     shutil.copytree(src, dest, copy_function=copy)
@@ -181,8 +186,9 @@ def _purge(name: str) -> dict:
 
 
 def run_in_process(test_file: Path, path_entry: Path, package: str) -> Outcome:
-    """Import `package` from `path_entry` (put first on sys.path), load `test_file` and call each of its
-    `test_*` functions (they must take no arguments). Restores sys.path and sys.modules afterwards."""
+    """Import `package` from `path_entry` (put first on sys.path), load `test_file` and call each of
+    its `test_*` functions (they must take no arguments). Restores sys.path and sys.modules
+    afterwards."""
     saved = _purge(package)
     sys.path.insert(0, str(path_entry))
     importlib.invalidate_caches()
@@ -193,7 +199,8 @@ def run_in_process(test_file: Path, path_entry: Path, package: str) -> Outcome:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         imported_from = str(Path(sys.modules[package].__file__).parent)
-        for test in sorted(k for k in vars(module) if k.startswith("test_") and callable(getattr(module, k))):
+        tests = sorted(k for k, v in vars(module).items() if k.startswith("test_") and callable(v))
+        for test in tests:
             try:
                 getattr(module, test)()
                 report.append(f"PASSED {test}")
@@ -212,24 +219,26 @@ def run_in_process(test_file: Path, path_entry: Path, package: str) -> Outcome:
 def run_pytest(test_file: Path, path_entry: Path, package: str, timeout: float = 600) -> Outcome:
     """Run pytest on `test_file` in a fresh interpreter with `path_entry` first on PYTHONPATH."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(path_entry), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(path_entry), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = env["PYTHONPATH"].rstrip(os.pathsep)
     probe = f"import {package}, os; print('IMPORTED_FROM', os.path.dirname({package}.__file__))"
     where = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                            timeout=timeout)
     imported_from = where.stdout.split("IMPORTED_FROM", 1)[-1].strip()
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file)],
-                            env=env, capture_output=True, text=True, timeout=timeout,
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout,
                             cwd=Path(test_file).parent)
     return Outcome(result.returncode == 0, result.stdout + result.stderr, imported_from)
 
 
 def round_trip(patch_file: Path, test_file: Path, package: str = "diffusers",
                in_process: bool = False) -> dict[str, Outcome]:
-    """{'original': Outcome, 'patched': Outcome}: the test run on an unpatched copy of the installed package
-    and on a copy with `patch_file` applied. The installed package is never modified.
+    """{'original': Outcome, 'patched': Outcome}: the test run on an unpatched copy of the installed
+    package and on a copy with `patch_file` applied. The installed package is never modified.
 
-    in_process=True calls the test functions in this interpreter (fast: torch and the package's dependencies
-    are imported once); False runs pytest in a fresh interpreter per copy (what a reviewer would do)."""
+    in_process=True calls the test functions in this interpreter (fast: torch and the package's
+    dependencies are imported once); False runs pytest in a fresh interpreter per copy (what a
+    reviewer would do)."""
     src = package_dir(package)
     patch_text = Path(patch_file).read_text(encoding="utf-8")
     run = run_in_process if in_process else run_pytest
@@ -247,5 +256,6 @@ def round_trip(patch_file: Path, test_file: Path, package: str = "diffusers",
 if __name__ == "__main__":
     patch_arg, test_arg = sys.argv[1:3]
     for variant, outcome in round_trip(Path(patch_arg), Path(test_arg)).items():
-        print(f"== {variant}: {'PASSED' if outcome.passed else 'FAILED'} (imported from {outcome.imported_from})")
+        verdict = "PASSED" if outcome.passed else "FAILED"
+        print(f"== {variant}: {verdict} (imported from {outcome.imported_from})")
         print(outcome.output.strip()[-3000:])
