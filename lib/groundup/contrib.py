@@ -31,9 +31,9 @@ from pathlib import Path
 
 
 # The smallest UNet2DConditionModel that still has every part chapter 21 walks through
-# (contrib/diffusers/WALKTHROUGH.md): two levels, one cross-attention and one plain block each way,
-# the cross-attention mid block, one resnet per down block. Note `attention_head_dim` is the number
-# of heads.
+# (notebooks/21_unet2d_condition.ipynb, section 1): two levels, one cross-attention and one plain
+# block each way, the cross-attention mid block, one resnet per down block. Note
+# `attention_head_dim` is the number of heads.
 SMALLEST_FULL_CONFIG = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
     block_out_channels=(8, 16), norm_num_groups=4,
@@ -160,14 +160,30 @@ def package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def copy_package(src: Path, dest_parent: Path, link: bool = True) -> Path:
+def copy_package(src: Path, dest_parent: Path, link: bool = True,
+                 editable: list[str] | None = None) -> Path:
     """Copy the package directory `src` into `dest_parent` (so that `dest_parent` goes on sys.path).
 
     link=True makes real directories and symbolic links to the files (fast, and safe with
-    `apply_patch`, which replaces a link before writing); link=False copies every byte."""
-    dest = Path(dest_parent) / Path(src).name
-    copy = os.symlink if link else shutil.copy2
-    shutil.copytree(src, dest, copy_function=copy)
+    `apply_patch`, which replaces a link before writing); link=False copies every byte. With
+    `editable` (paths relative to `src`, e.g. the files a patch changes) and link=True, only the
+    directories on the way to those files are made real; every other directory is one link to the
+    installed one (a large package is copied in a fraction of the time, and Python reuses its
+    compiled files). A `__pycache__` beside an editable file is real, so `apply_patch` removes its
+    stale entries in the copy, never in the installed package."""
+    src, dest = Path(src), Path(dest_parent) / Path(src).name
+    if not link or editable is None:
+        shutil.copytree(src, dest, copy_function=os.symlink if link else shutil.copy2)
+        return dest
+    on_the_way = {Path(".")} | {parent for path in editable for parent in Path(path).parents}
+    for rel in sorted(on_the_way, key=lambda p: len(p.parts)):
+        (dest / rel).mkdir(parents=True, exist_ok=True)
+        for entry in (src / rel).iterdir():
+            target = dest / rel / entry.name
+            if entry.is_dir() and entry.name == "__pycache__":
+                shutil.copytree(entry, target, copy_function=os.symlink)
+            elif not (entry.is_dir() and rel / entry.name in on_the_way):
+                os.symlink(entry, target, target_is_directory=entry.is_dir())
     return dest
 
 
@@ -241,12 +257,13 @@ def round_trip(patch_file: Path, test_file: Path, package: str = "diffusers",
     reviewer would do)."""
     src = package_dir(package)
     patch_text = Path(patch_file).read_text(encoding="utf-8")
+    changed = [file_patch.path for file_patch in parse_patch(patch_text)]
     run = run_in_process if in_process else run_pytest
     outcomes = {}
     with tempfile.TemporaryDirectory(prefix="groundup-contrib-") as tmp:
         for variant in ("original", "patched"):
             parent = Path(tmp) / variant
-            copy = copy_package(src, parent)
+            copy = copy_package(src, parent, editable=changed)
             if variant == "patched":
                 apply_patch(patch_text, copy)
             outcomes[variant] = run(Path(test_file).resolve(), parent, package)
