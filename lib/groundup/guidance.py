@@ -79,9 +79,11 @@ class LabelDropout(nn.Module):
     null_class=True, whose null index it takes. In eval mode (the EMA copy, sampling) labels pass
     unchanged. The draw is diffusers' LabelEmbedding.token_drop: rand(B) < p on the labels' device,
     from the global generator as nn.Dropout draws; chapter 15's train_diffusion keeps that
-    generator's state in its checkpoints, so a resumed run drops the same labels."""
+    generator's state in its checkpoints, so a resumed run drops the same labels. `key`: the
+    keyword that carries the labels (chapter 20 drops caption indices, key="caption_ids")."""
 
-    def __init__(self, model: nn.Module, p_uncond: float, null_class_index: int | None = None):
+    def __init__(self, model: nn.Module, p_uncond: float, null_class_index: int | None = None,
+                 key: str = "class_labels"):
         super().__init__()
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {p_uncond}")
@@ -92,14 +94,14 @@ class LabelDropout(nn.Module):
             raise ValueError("the model has no null class: build the UNet with null_class=True, "
                              "or pass null_class_index")
         self.model, self.p_uncond, self.null_class_index = model, float(p_uncond), int(null)
+        self.key = key
 
     def drop(self, labels: torch.Tensor) -> torch.Tensor:
         """Algorithm 1, line 3: c <- null with probability p_uncond, for each example alone."""
         dropped = torch.rand(labels.shape[0], device=labels.device) < self.p_uncond
         return torch.where(dropped, torch.full_like(labels, self.null_class_index), labels)
 
-    def forward(self, x: torch.Tensor, t, class_labels: torch.Tensor | None = None,
-                **kwargs) -> torch.Tensor:
-        if self.training and self.p_uncond > 0 and class_labels is not None:
-            class_labels = self.drop(class_labels)
-        return self.model(x, t, class_labels=class_labels, **kwargs)
+    def forward(self, x: torch.Tensor, t, **cond) -> torch.Tensor:
+        if self.training and self.p_uncond > 0 and cond.get(self.key) is not None:
+            cond[self.key] = self.drop(cond[self.key])
+        return self.model(x, t, **cond)
