@@ -349,7 +349,12 @@ def to_diffusers_unet(model: UNet):
     train/eval mode too, so that the two compute alike)"""
     from diffusers import UNet2DModel
 
-    ref = UNet2DModel(**diffusers_unet_kwargs(model.config))
+    return port_weights(model, UNet2DModel(**diffusers_unet_kwargs(model.config)))
+
+
+def port_weights(model: nn.Module, ref: nn.Module) -> nn.Module:
+    """`ref` (a diffusers model of the same architecture) with `model`'s weights, dtype, device, memory format and
+    train/eval mode. Our attention's output projection `to_out` is diffusers' `to_out.0` (a Linear, then Dropout)."""
     state = {k.replace(".to_out.", ".to_out.0."): v for k, v in model.state_dict().items()}
     ref.load_state_dict(state, strict=True)
     p = next(model.parameters())
