@@ -94,6 +94,19 @@ def test_outputs_match_unet2dmodel_with_ported_weights(dtype, tol, conventions):
         assert torch.equal(back(x, t), a)
 
 
+def test_float64_weights_port_without_rounding():
+    """Weights that float32 cannot hold (a float64 model trained or perturbed in float64) reach diffusers exactly:
+    the copy is cast before it is loaded, not after."""
+    ours = randomize_(UNet(TINY)).double().eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(1e-12 * torch.randn_like(p))              # below float32's resolution for these values
+    ref = to_diffusers_unet(ours)
+    theirs = ref.state_dict()
+    for name, value in ours.state_dict().items():
+        assert torch.equal(theirs[name.replace(".to_out.", ".to_out.0.")], value), name
+
+
 def test_wrong_skip_order_is_detected():
     cfg = UNetConfig(**{**TINY.__dict__, "base_channels": 16, "norm_groups": 8, "layers_per_block": 2})
     ours = randomize_(UNet(cfg)).double().eval()          # two skips of equal width on top of the stack

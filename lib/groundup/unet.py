@@ -356,10 +356,11 @@ def port_weights(model: nn.Module, ref: nn.Module) -> nn.Module:
     """`ref` (a diffusers model of the same architecture) with `model`'s weights, dtype, device, memory format and
     train/eval mode. Our attention's output projection `to_out` is diffusers' `to_out.0` (a Linear, then Dropout)."""
     state = {k.replace(".to_out.", ".to_out.0."): v for k, v in model.state_dict().items()}
-    ref.load_state_dict(state, strict=True)
     p = next(model.parameters())
+    # cast before loading, so that float64 weights are not rounded through ref's float32 parameters;
     # nn.Module.to, not diffusers' own .to, which warns about dtype casts
     ref = nn.Module.to(ref, device=p.device, dtype=p.dtype)
+    ref.load_state_dict(state, strict=True)
     return nn.Module.to(ref, memory_format=_memory_format(model)).train(model.training)
 
 
