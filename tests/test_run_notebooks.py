@@ -57,6 +57,19 @@ def test_leaked_paths_finds_this_machines_folders(monkeypatch, tmp_path):
     assert found and found[0].startswith("cell 2: ")
 
 
+def test_a_committed_run_drops_the_drafts_sentence():
+    header = ("# 99 · x\n\n| profile | where | what | time |\n|---|---|---|---|\n| cpu | 2 CPU cores | s | not yet |\n\n"
+              "The outputs on this page are not yet from a `cpu` or `full` run (they are replaced when ...).\n\n"
+              "**Outputs on this page.** none")
+    for profile, kept in (("smoke", True), ("cpu", False)):
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_markdown_cell(header)]
+        run_notebooks.stamp_header(nb, profile, "CPU", 60.0, "2026-12-03")
+        text = nb.cells[0].source
+        assert ("not yet from a `cpu`" in text) == kept
+        assert "\n\n\n" not in text
+
+
 @pytest.mark.parametrize("profile", ["smoke", "full"])
 def test_stamp_header_without_a_table_adds_only_the_line(profile):
     nb = notebook(header="# 99 · A chapter")

@@ -53,12 +53,13 @@ def leaked_paths(nb) -> list[str]:
 
 
 OUTPUTS_LINE = "**Outputs on this page.**"
+DRAFT_LINE = "The outputs on this page are not yet from"   # a draft's header sentence, gone once a committed run stamps it
 GIVEN_COMMIT = os.environ.get("BOOK_GIT_COMMIT")    # set by the caller where the checkout has no .git
 
 
 def stamp_header(nb, profile: str, device: str, seconds: float, date: str, load: float | None = None) -> None:
     """Write what produced the page into the header cell: the line that starts with OUTPUTS_LINE (added if
-    missing) and, in the runtime table, the measured time of the row of this profile (rows that mention a
+    missing; a committed run also drops a draft's "not yet from a cpu or full run" sentence) and, in the runtime table, the measured time of the row of this profile (rows that mention a
     T4 are estimates for another machine and stay as they are)."""
     header = nb.cells[0]
     lines = header.source.split("\n")
@@ -67,6 +68,12 @@ def stamp_header(nb, profile: str, device: str, seconds: float, date: str, load:
     stamp = (f"{OUTPUTS_LINE} A `{profile}`-profile run on {device}: {minutes} for the whole notebook "
              f"({date}{busy}).")
     lines = [stamp if line.startswith(OUTPUTS_LINE) else line for line in lines]
+    if profile in ("cpu", "full"):
+        kept = []
+        for line in lines:                       # the draft's sentence goes, and the blank line it leaves
+            if not (line.startswith(DRAFT_LINE) or (line == "" and kept and kept[-1] == "")):
+                kept.append(line)
+        lines = kept
     if stamp not in lines:
         lines += ["", stamp]
     for i, line in enumerate(lines):
