@@ -274,5 +274,21 @@ def test_attention_blocks_are_chosen_in_one_place_and_receive_the_context():
         del ATTENTION_BLOCKS["probe"]
     with pytest.raises(ValueError, match="no cross-attention"):
         UNet(TINY)(torch.randn(2, 3, 8, 8), 0, context=torch.randn(2, 5, 7))
-    with pytest.raises(ValueError, match="attention_type"):       # "cross" exists once chapter 20 is imported
+    with pytest.raises(ValueError, match="attention_type"):
         UNetConfig(attention_type="no-such-block")
+
+
+def test_later_chapters_blocks_load_by_name():
+    """attention_type="cross" / "transformer" work without importing chapter 20's or 21's module first:
+    run in a fresh interpreter, where nothing has registered them yet."""
+    import subprocess
+    import sys
+    code = ("import sys; from groundup.unet import UNetConfig, ATTENTION_BLOCKS; "
+            "assert 'cross' not in ATTENTION_BLOCKS and 'groundup.text_cond' not in sys.modules; "
+            "UNetConfig(base_channels=8, channel_mult=(1, 2), attention_levels=(False, True), norm_groups=4, "
+            "image_size=8, attention_type='cross', cross_attention_dim=7); "
+            "UNetConfig(base_channels=8, channel_mult=(1, 2), attention_levels=(False, True), norm_groups=4, "
+            "image_size=8, attention_type='transformer', cross_attention_dim=7); "
+            "assert {'cross', 'transformer'} <= set(ATTENTION_BLOCKS)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -145,7 +145,7 @@ class CrossAttentionBlock(AttentionBlock):
 
 
 # chapter 16's registry: UNetConfig(attention_type="cross") builds this block at every attention
-# level (import groundup.text_cond first); the UNet itself does not change
+# level (UNetConfig imports this module when it meets the name); the UNet itself does not change
 ATTENTION_BLOCKS["cross"] = lambda channels, cfg: CrossAttentionBlock(
     channels, cfg.cross_attention_dim, cfg.norm_groups, cfg.norm_eps, cfg.attention_head_dim)
 

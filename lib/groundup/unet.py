@@ -3,6 +3,7 @@
 
 
 # %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 3
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -122,8 +123,12 @@ class UNetConfig:
                              + (" beside the null class" if self.null_class else ""))
         if self.null_class and self.num_class_embeds is None:
             raise ValueError("null_class=True needs a class embedding: set num_class_embeds (classes + 1)")
+        if self.attention_type not in ATTENTION_BLOCKS and self.attention_type in ATTENTION_MODULES:
+            importlib.import_module(ATTENTION_MODULES[self.attention_type])   # it registers its block
         if self.attention_type not in ATTENTION_BLOCKS:
-            raise ValueError(f"attention_type={self.attention_type!r} is not one of {sorted(ATTENTION_BLOCKS)}")
+            raise ValueError(f"attention_type={self.attention_type!r} is not one of "
+                             f"{sorted(set(ATTENTION_BLOCKS) | set(ATTENTION_MODULES))}; a block of your own "
+                             "goes into groundup.unet.ATTENTION_BLOCKS before the config is made")
 
 
 # The one place where the UNet's attention blocks are chosen: UNetConfig.attention_type names an entry, a
@@ -132,6 +137,8 @@ class UNetConfig:
 ATTENTION_BLOCKS = {
     "self": lambda channels, cfg: AttentionBlock(channels, cfg.norm_groups, cfg.norm_eps, cfg.attention_head_dim),
 }
+# the blocks later chapters add, by the module that registers each (imported on first use)
+ATTENTION_MODULES = {"cross": "groundup.text_cond", "transformer": "groundup.unet_cond"}
 
 
 def make_attention(channels: int, cfg: UNetConfig) -> nn.Module:
