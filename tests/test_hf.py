@@ -140,3 +140,12 @@ def test_trainer_resume_is_exact(tmp_path):
     b = run(tmp_path / "b", tiny_model(seed=9), resume=str(tmp_path / "a" / "checkpoint-3"))
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_model_card_remote_code_option():
+    kwargs = dict(val_loss=1.0, bigram_loss=2.0, n_params=1, train_tokens=1, profile="smoke", device="cpu")
+    local = make_model_card("m", **kwargs).text
+    remote = make_model_card("m", trained_with="our loop", remote_code=True, **kwargs).text
+    assert "register_groundup_gpt()" in local and "trust_remote_code" not in local
+    assert "trust_remote_code=True" in remote and "register_groundup_gpt" not in remote
+    assert "trained with our loop" in remote and "trained with transformers' Trainer" in local

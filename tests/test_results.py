@@ -242,3 +242,30 @@ def test_git_commit_from_the_environment_where_there_is_no_repository(monkeypatc
 
     monkeypatch.setenv("BOOK_GIT_DIRTY", "0")
     assert results.git_commit() == {"commit": "0123456789abcdef", "dirty": False}
+
+
+def _record(chapter: str, rows: list[Row], profile: str = "cpu") -> dict:
+    return {"chapter": chapter, "title": chapter, "profile": profile, "device": "CPU", "torch": "2",
+            "wall_time_s": 61.0, "date": "2026-12-03T00:00:00", "git": {"commit": "0123456789abcdef"},
+            "rows": [dataclasses.asdict(r) for r in rows]}
+
+
+def test_met_counts_and_missing_chapters(tmp_path):
+    rows = [Row("acc", 0.9, target=">= 0.8", met=True), Row("loss", 1.0, target="<= 0.5", met=False),
+            Row("time", 3.0), Row("a vs b", 0.0, target="< 1e-6", met=True, any_profile=True)]
+    assert results.met_counts(_record("02_x", rows)) == {"met": 2, "missed": 1, "not judged": 0}
+    assert results.met_counts(_record("02_x", rows, "smoke")) == {"met": 1, "missed": 0, "not judged": 2}
+    for name in ("02_x", "07_y"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(_record(name, rows)))
+    records = results.load_records(tmp_path)
+    assert [results.chapter_number(r) for r in records] == [2, 7]
+    assert results.missing_chapters(records, range(1, 9)) == [1, 3, 4, 5, 6, 8]
+
+
+def test_chapters_markdown_one_row_per_chapter():
+    a = _record("02_x", [Row("time", 3.0), Row("test error", 0.02, paper="1.6%", target="<= 2%", met=False)])
+    b = _record("07_y", [Row("loss | val", 1.5, target="<= 1.6", met=True, headline=True)], "smoke")
+    lines = results.chapters_markdown([a, b]).splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| ch | headline metric")
+    assert lines[2].startswith("| 02 | test error | 0.02 | 1.6% | <= 2% | no | 0 of 1 | cpu |")
+    assert "loss \\| val" in lines[3] and "| smoke run | 0 of 0 | smoke |" in lines[3]

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "lib"))
-from groundup.results import _fmt, met_text, rows_markdown, table_row  # noqa: E402
+from groundup.results import _fmt, headline, load_records, met_text, rows_markdown, table_row  # noqa: E402
 
 INTRO = """Every number below was written by a chapter's own code into `results/<chapter>.json` and
 collected by `tools/results_table.py` (`make results`). A run is judged against the targets of its
@@ -35,24 +34,7 @@ measured.
 
 
 def load(root: Path = ROOT) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((root / "results").glob("*.json"))]
-
-
-# Records written before rows carried `any_profile` name their equivalence checks in words like these.
-_CHECK_WORDS = re.compile(r"\bvs\b|→|round trip|max abs|max rel|max \||= ?greedy")
-
-
-def _is_check(row: dict) -> bool:
-    return bool(row.get("any_profile")) or bool(_CHECK_WORDS.search(row["metric"]))
-
-
-def headline(rec: dict) -> dict:
-    """The row a chapter marked ``headline``; else its first row with a target that is not an equivalence
-    check; else its first row that is not a check; else its first row."""
-    rows = rec["rows"]
-    marked = [r for r in rows if r.get("headline")]
-    scored = [r for r in rows if r["target"] not in ("", "—") and not _is_check(r)]
-    return (marked or scored or [r for r in rows if not _is_check(r)] or rows)[0]
+    return load_records(root / "results")
 
 
 def _device(rec: dict) -> str:

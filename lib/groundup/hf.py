@@ -161,9 +161,12 @@ def token_blocks(data: torch.Tensor, block_size: int, n_blocks: int | None = Non
 
 # %% notebooks/12_hf_inside.ipynb, cell 46
 def make_model_card(model_name: str, *, val_loss: float, bigram_loss: float, n_params: int, train_tokens: int,
-                    profile: str, device: str, license: str = "mit") -> ModelCard:
+                    profile: str, device: str, license: str = "mit", trained_with: str = "transformers' Trainer",
+                    remote_code: bool = False) -> ModelCard:
     """A model card (README.md) for a GroundUpGPTForCausalLM trained on Tiny Shakespeare characters: YAML metadata
-    with the measured validation loss in its model-index, and a short description of how to load it."""
+    with the measured validation loss in its model-index, and a short description of how to load it: with the
+    book's package (register_groundup_gpt), or, for a folder that carries its own code (``remote_code``, chapter
+    25), with trust_remote_code=True."""
     data = ModelCardData(
         license=license, language="en", library_name="transformers", pipeline_tag="text-generation",
         tags=["groundup", "groundup-gpt", "character-level", "causal-lm"], datasets=["tiny_shakespeare"],
@@ -174,13 +177,18 @@ def make_model_card(model_name: str, *, val_loss: float, bigram_loss: float, n_p
                                  metric_name="cross-entropy (nats/char)",
                                  metric_value=round(val_loss, 4))])
     body = (f"# {model_name}\n\nA character-level GPT (chapter 07 of the Ground Up book) with {n_params:,} parameters, "
-            f"trained with transformers' Trainer on {train_tokens:,} characters of Tiny Shakespeare "
+            f"trained with {trained_with} on {train_tokens:,} characters of Tiny Shakespeare "
             f"({profile} profile, {device}).\n\n"
             f"Validation cross-entropy: {val_loss:.4f} nats/char (bigram baseline: {bigram_loss:.4f}).\n\n"
-            "The model type `groundup-gpt` is not part of transformers. To load it:\n\n"
-            "```python\nfrom groundup.hf import register_groundup_gpt\n"
-            "from transformers import AutoModelForCausalLM\n\n"
-            f"register_groundup_gpt()\nmodel = AutoModelForCausalLM.from_pretrained(\"{model_name}\")\n```\n")
+            "The model type `groundup-gpt` is not part of transformers. To load it:\n\n")
+    if remote_code:                      # the folder holds the model's code (config.json's auto_map names it)
+        body += ("```python\nfrom transformers import AutoModelForCausalLM\n\n"
+                 f"model = AutoModelForCausalLM.from_pretrained(\"{model_name}\", trust_remote_code=True)\n```\n\n"
+                 "`trust_remote_code=True` runs the Python files of this repository: read them first.\n")
+    else:
+        body += ("```python\nfrom groundup.hf import register_groundup_gpt\n"
+                 "from transformers import AutoModelForCausalLM\n\n"
+                 f"register_groundup_gpt()\nmodel = AutoModelForCausalLM.from_pretrained(\"{model_name}\")\n```\n")
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 

@@ -14,6 +14,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -169,4 +170,64 @@ def rows_markdown(record: dict) -> str:
     lines.append(f"*{record['profile']} profile on {record['device']}, torch {record['torch']}, "
                  f"wall time {record['wall_time_s']:.1f} s, {record['date'][:10]}, "
                  f"commit {record['git']['commit'][:10]}.*")
+    return "\n".join(lines)
+
+
+# Records written before rows carried `any_profile` name their equivalence checks in words like these.
+_CHECK_WORDS = re.compile(r"\bvs\b|→|round trip|max abs|max rel|max \||= ?greedy")
+
+
+def _is_check(row: dict) -> bool:
+    return bool(row.get("any_profile")) or bool(_CHECK_WORDS.search(row["metric"]))
+
+
+def headline(rec: dict) -> dict:
+    """The row a chapter marked ``headline``; else its first row with a target that is not an equivalence
+    check; else its first row that is not a check; else its first row."""
+    rows = rec["rows"]
+    marked = [r for r in rows if r.get("headline")]
+    scored = [r for r in rows if r["target"] not in ("", "—") and not _is_check(r)]
+    return (marked or scored or [r for r in rows if not _is_check(r)] or rows)[0]
+
+
+def load_records(folder: Path | None = None) -> list[dict]:
+    """Every record in ``folder`` (default: the committed ``results/``), in chapter order."""
+    folder = committed_results_dir() if folder is None else Path(folder)
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]
+
+
+def chapter_number(record: dict) -> int:
+    """The chapter's number, from its slug ("07_gpt_mini" -> 7)."""
+    return int(record["chapter"].split("_", 1)[0])
+
+
+def missing_chapters(records: list[dict], expected) -> list[int]:
+    """The chapter numbers in ``expected`` that have no record."""
+    have = {chapter_number(r) for r in records}
+    return [n for n in expected if n not in have]
+
+
+def met_counts(record: dict) -> dict:
+    """How a record's rows with a target fared: {"met", "missed", "not judged"} (a smoke run's targets,
+    other than its any-profile checks, are not judged). Rows without a target are not counted."""
+    counts = {"met": 0, "missed": 0, "not judged": 0}
+    for r in record["rows"]:
+        if r["met"] is None:
+            continue
+        key = "not judged" if not judged(record, r) else ("met" if r["met"] else "missed")
+        counts[key] += 1
+    return counts
+
+
+def chapters_markdown(records: list[dict]) -> str:
+    """One row per chapter: its headline row (ours, the paper's figure, the target, met), how many of its
+    targets were met, and the run (profile, device, wall time, commit)."""
+    lines = [table_row("ch", "headline metric", "ours", "paper", "target", "met", "targets met",
+                       "profile", "device", "wall time", "commit"), "|---" * 11 + "|"]
+    for rec in records:
+        r, n = headline(rec), met_counts(rec)
+        lines.append(table_row(f"{chapter_number(rec):02d}", r["metric"], _fmt(r["ours"], r["unit"]), r["paper"],
+                               r["target"], met_text(rec, r), f"{n['met']} of {n['met'] + n['missed']}",
+                               rec["profile"], rec["device"], f"{rec['wall_time_s']:.0f} s",
+                               f"`{rec['git']['commit'][:8]}`"))
     return "\n".join(lines)
