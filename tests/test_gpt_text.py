@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from groundup.gpt import GPT, GPTConfig
-from groundup.gpt_text import (READOUTS, AttentionProbe, caption_char_ids, fit_probe, gpt_caption_states,
-                               gpt_hidden_states, readout, unit_rms)
+from groundup.gpt_text import (READOUTS, AttentionProbe, caption_char_ids, fit_probe,
+                               gpt_caption_states, gpt_hidden_states, readout, unit_rms)
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest.one_thread
 
@@ -117,7 +117,7 @@ def test_fit_probe_finds_the_one_row_that_carries_the_class():
     labels = torch.arange(4).repeat(10)
     context = torch.randn(40, 3, 8, generator=g) * 0.3
     where = torch.randint(0, 3, (40,), generator=g)
-    context[torch.arange(40), where, labels] += 3.0         # the class sits in one row, a different one each time
+    context[torch.arange(40), where, labels] += 3.0     # the class: in one row, a different one each
     context[torch.arange(40), where, 7] += 3.0              # and that row is marked
     probe = fit_probe(context, labels, n_classes=4, steps=100, lr=0.05)
     assert not probe.training

@@ -17,7 +17,7 @@ def caption_char_ids(text: str, vocab, *, start: str = "\n", unknown: str = " ")
     """Chapter 04's character ids of start + text, each character that is not in `vocab` replaced
     by `unknown` (which must be). Returns (ids (len(text) + 1,) long, the replaced characters)."""
     if start not in vocab or unknown not in vocab:
-        raise ValueError(f"start {start!r} and unknown {unknown!r} must be characters of the vocabulary")
+        raise ValueError(f"start {start!r} and unknown {unknown!r} must be in the vocabulary")
     known = set(vocab)
     missing = [c for c in text if c not in known]
     return encode(start + "".join(c if c in known else unknown for c in text), vocab), missing
@@ -26,10 +26,11 @@ def caption_char_ids(text: str, vocab, *, start: str = "\n", unknown: str = " ")
 # %% notebooks/24_gpt_text_encoder.ipynb, cell 16
 @torch.no_grad()
 def gpt_hidden_states(model: nn.Module, idx: torch.Tensor) -> list:
-    """A chapter-07 GPT's residual stream at every depth, in eval mode: [h_0, h_1, ..., h_L, LN_f(h_L)],
-    each (B, T, E). h_0: the token + position embeddings (after the embedding dropout, the identity in
-    eval mode); h_l: block l's output; last: the final norm's output, what lm_head reads. Forward hooks
-    on those modules record them while the model's own forward runs."""
+    """A chapter-07 GPT's residual stream at every depth, in eval mode:
+    [h_0, h_1, ..., h_L, LN_f(h_L)], each (B, T, E). h_0: the token + position embeddings (after
+    the embedding dropout, the identity in eval mode); h_l: block l's output; last: the final
+    norm's output, what lm_head reads. Forward hooks on those modules record them while the
+    model's own forward runs."""
     states, parts = [], model.transformer
     modules = [parts.drop, *parts.h, parts.ln_f]
     hooks = [m.register_forward_hook(lambda mod, args, out: states.append(out)) for m in modules]
@@ -51,7 +52,8 @@ def gpt_caption_states(texts, model: nn.Module, vocab, *, device="cpu", **char_o
     encoded = [caption_char_ids(t, vocab, **char_options) for t in texts]
     T = max(len(ids) for ids, _ in encoded)
     if T > model.config.block_size:
-        raise ValueError(f"a caption of {T} characters is longer than block_size={model.config.block_size}")
+        raise ValueError(f"a caption of {T} characters is longer than "
+                         f"block_size={model.config.block_size}")
     idx = torch.zeros(len(texts), T, dtype=torch.long)                # id 0 after a caption's end
     mask = torch.zeros(len(texts), T, dtype=torch.bool)
     for k, (ids, _) in enumerate(encoded):
@@ -64,10 +66,11 @@ READOUTS = ("last", "mean", "tokens")
 
 
 def readout(states: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
-    """One depth's states (K, T, E) of right-padded captions -> a context (K, S, E) for cross-attention.
-    "last": the state of each caption's last real token, the only one that read all of it (eq. (2)), S = 1;
-    "mean": eq. (3), chapter 20's mean_pool (masked mean, L2-normalized), S = 1;
-    "tokens": every state, the padding rows set to exactly zero (chapter 20's context_mask), S = T."""
+    """One depth's states (K, T, E) of right-padded captions -> a context (K, S, E) for
+    cross-attention. "last": the state of each caption's last real token, the only one that read
+    all of it (eq. (2)), S = 1; "mean": eq. (3), chapter 20's mean_pool (masked mean,
+    L2-normalized), S = 1; "tokens": every state, the padding rows set to exactly zero (chapter
+    20's context_mask), S = T."""
     if kind == "last":
         return states[torch.arange(len(states)), mask.sum(1) - 1][:, None]
     if kind == "mean":
@@ -78,17 +81,18 @@ def readout(states: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor
 
 
 def unit_rms(context: torch.Tensor) -> torch.Tensor:
-    """The table scaled by one number so that its real rows' entries have root-mean-square 1; zero rows
-    (padding) stay zero."""
+    """The table scaled by one number so that its real rows' entries have root-mean-square 1;
+    zero rows (padding) stay zero."""
     real = context[context_mask(context)]
     return context / real.pow(2).mean().sqrt()
 
 
 # %% notebooks/24_gpt_text_encoder.ipynb, cell 20
 class AttentionProbe(nn.Module):
-    """Eq. (4): p(y | c) = softmax(W^T sum_s alpha_s c_s + b), alpha = softmax over the real rows of
-    q . c_s / sqrt(E). A context (K, S, E) with zero rows as padding (chapter 20's context_mask). With
-    S = 1 it is multinomial logistic regression; with the query at zero, a linear map of the rows' mean."""
+    """Eq. (4): p(y | c) = softmax(W^T sum_s alpha_s c_s + b), alpha = softmax over the real
+    rows of q . c_s / sqrt(E). A context (K, S, E) with zero rows as padding (chapter 20's
+    context_mask). With S = 1 it is multinomial logistic regression; with the query at zero, a
+    linear map of the rows' mean."""
     def __init__(self, dim: int, n_classes: int):
         super().__init__()
         self.query = nn.Parameter(torch.zeros(dim))
