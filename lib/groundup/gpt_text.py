@@ -12,7 +12,7 @@ from groundup.rnn import encode
 from groundup.text_cond import context_mask, mean_pool
 
 
-# %% notebooks/24_gpt_text_encoder.ipynb, cell 13
+# %% notebooks/24_gpt_text_encoder.ipynb, cell 14
 def caption_char_ids(text: str, vocab, *, start: str = "\n", unknown: str = " "):
     """Chapter 04's character ids of start + text, each character that is not in `vocab` replaced
     by `unknown` (which must be). Returns (ids (len(text) + 1,) long, the replaced characters)."""
@@ -23,7 +23,7 @@ def caption_char_ids(text: str, vocab, *, start: str = "\n", unknown: str = " ")
     return encode(start + "".join(c if c in known else unknown for c in text), vocab), missing
 
 
-# %% notebooks/24_gpt_text_encoder.ipynb, cell 16
+# %% notebooks/24_gpt_text_encoder.ipynb, cell 17
 @torch.no_grad()
 def gpt_hidden_states(model: nn.Module, idx: torch.Tensor) -> list:
     """A chapter-07 GPT's residual stream at every depth, in eval mode:
@@ -87,7 +87,7 @@ def unit_rms(context: torch.Tensor) -> torch.Tensor:
     return context / real.pow(2).mean().sqrt()
 
 
-# %% notebooks/24_gpt_text_encoder.ipynb, cell 20
+# %% notebooks/24_gpt_text_encoder.ipynb, cell 21
 class AttentionProbe(nn.Module):
     """Eq. (4): p(y | c) = softmax(W^T sum_s alpha_s c_s + b), alpha = softmax over the real
     rows of q . c_s / sqrt(E). A context (K, S, E) with zero rows as padding (chapter 20's
