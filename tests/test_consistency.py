@@ -49,7 +49,8 @@ def test_sigma_space_teacher_is_chapter_15s_x0_hat():
         assert (edm.timestep(sigma) - t).abs().max() <= 1e-12
         ref = DIFFUSION.predict_x0_from_eps(x_t, t, net(x_t, t))
         assert (edm.denoise(x_sigma, sigma) - ref).abs().max() <= 1e-12
-        c_in, c_skip, c_out = 1 / (s ** 2 + 0.25).sqrt(), 0.25 / (s ** 2 + 0.25), 0.5 * s / (s ** 2 + 0.25).sqrt()
+        c_in = 1 / (s ** 2 + 0.25).sqrt()
+        c_skip, c_out = 0.25 / (s ** 2 + 0.25), 0.5 * s / (s ** 2 + 0.25).sqrt()
         via_f = c_skip * x_sigma + c_out * edm(c_in * x_sigma, noise_conditioning(sigma))
         assert (via_f - ref).abs().max() <= 1e-11
 
@@ -75,14 +76,17 @@ def test_sigmas_timesteps_scalings_and_multistep_equal_diffusers():
     ours = karras_sigmas(N).flip(0)
     assert ((ours - sched.sigmas) / sched.sigmas).abs().max() <= 1e-12
     assert (noise_conditioning(ours) - sched.timesteps).abs().max() <= 1e-10
-    for a, b in zip(boundary_scalings(sched.sigmas), sched.get_scalings_for_boundary_condition(sched.sigmas)):
+    ref = sched.get_scalings_for_boundary_condition(sched.sigmas)
+    for a, b in zip(boundary_scalings(sched.sigmas), ref):
         assert (a - b).abs().max() <= 1e-15
     edm = EpsToEDM(eps_net(1), DIFFUSION)
     f = ConsistencyFunction(edm).double()
     for steps in (1, 3):
         sched.set_timesteps(steps)
-        assert ((inference_sigmas(steps, N) - sched.sigmas[:-1].double()) / sched.sigmas[:-1]).abs().max() <= 1e-6
-        sched.sigmas = torch.cat([inference_sigmas(steps, N), torch.tensor([0.002], dtype=torch.float64)])
+        theirs = sched.sigmas[:-1].double()                 # float32 in diffusers
+        assert ((inference_sigmas(steps, N) - theirs) / theirs).abs().max() <= 1e-6
+        eps_level = torch.tensor([0.002], dtype=torch.float64)
+        sched.sigmas = torch.cat([inference_sigmas(steps, N), eps_level])   # float64 on both sides
         gen = torch.Generator().manual_seed(steps)
         x = torch.randn(2, 1, 8, 8, generator=gen, dtype=torch.float64) * sched.init_noise_sigma
         with torch.no_grad():
@@ -90,12 +94,13 @@ def test_sigmas_timesteps_scalings_and_multistep_equal_diffusers():
                 out = edm(sched.scale_model_input(x, t), t.reshape(1).expand(2))
                 x = sched.step(out, t, x, generator=gen).prev_sample
             ours = consistency_sample(f, (2, 1, 8, 8), sigmas=inference_sigmas(steps, N),
-                                      generator=torch.Generator().manual_seed(steps), dtype=torch.float64)
+                                      generator=torch.Generator().manual_seed(steps),
+                                      dtype=torch.float64)
         assert (ours - x).abs().max() <= 1e-12
 
 
 def test_ct_schedule_and_cd_with_an_oracle_is_ct():
-    assert ct_schedule(0, 100) == (2, 0.9) or abs(ct_schedule(0, 100)[1] - 0.9) < 1e-12
+    assert abs(ct_schedule(0, 100)[1] - 0.9) < 1e-12
     assert ct_schedule(100, 100)[0] == 151 and ct_schedule(0, 100)[0] == 2
     x0 = torch.randn(4, 1, 8, 8, dtype=torch.float64)
     f = ConsistencyFunction(EpsToEDM(eps_net(), DIFFUSION)).double()
@@ -104,8 +109,10 @@ def test_ct_schedule_and_cd_with_an_oracle_is_ct():
     class Oracle(torch.nn.Module):
         def denoise(self, x, sigma):
             return x0
-    cd = ConsistencyLoss(target, teacher=Oracle(), N=2).training_loss(f, x0, torch.Generator().manual_seed(0))
-    ct = ConsistencyLoss(target, total_steps=10 ** 9).training_loss(f, x0, torch.Generator().manual_seed(0))
+    cd = ConsistencyLoss(target, teacher=Oracle(), N=2)
+    ct = ConsistencyLoss(target, total_steps=10 ** 9)            # N(k) = 2 for k << K
+    cd = cd.training_loss(f, x0, torch.Generator().manual_seed(0))
+    ct = ct.training_loss(f, x0, torch.Generator().manual_seed(0))
     assert abs(cd.item() - ct.item()) <= 1e-12 * max(1.0, ct.item())
     with pytest.raises(ValueError):
         ConsistencyLoss(target)                              # CT needs its K
@@ -115,7 +122,7 @@ def test_consistency_training_loss_decreases_on_a_tiny_problem():
     torch.manual_seed(0)
     images = torch.zeros(64, 1, 8, 8)
     images[:, :, 2:6, 2:6] = torch.rand(64, 1, 1, 1) * 2 - 1    # squares of random brightness
-    f = ConsistencyFunction(EpsToEDM(eps_net(dtype=torch.float32), DIFFUSION)).requires_grad_(True)
+    f = ConsistencyFunction(EpsToEDM(eps_net(dtype=torch.float32), DIFFUSION))
     target = EMA(f, decay=0.9)
     loss = ConsistencyLoss(target, total_steps=40, s1=10)
 

@@ -14,34 +14,37 @@ from groundup.ddpm import EMA, GaussianDiffusion    # chapter 15: the schedule, 
 
 # %% notebooks/22_consistency_models.ipynb, cell 7
 def noise_conditioning(sigma: torch.Tensor) -> torch.Tensor:
-    """c_noise(sigma) = 1000 * 0.25 * log(sigma): EDM's (1/4) ln(sigma), scaled as the consistency-model code and
-    diffusers' CMStochasticIterativeScheduler.sigma_to_t do (+1e-44 keeps log finite at sigma = 0)."""
+    """c_noise(sigma) = 1000 * 0.25 * log(sigma): EDM's (1/4) ln(sigma), scaled as the
+    consistency-model code and diffusers' CMStochasticIterativeScheduler.sigma_to_t do (+1e-44 keeps
+    log finite at sigma = 0)."""
     return 250.0 * torch.log(sigma + 1e-44)
 
 
 class EpsToEDM(nn.Module):
     """A DDPM eps-network of chapters 15-17 seen in sigma-space (eqs. 3-4 and 7).
 
-    `eps_model(x_t, t, **kwargs)` was trained on x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps of `diffusion`.
-    `denoise(x, sigma)` is the teacher's D(x, sigma) of eq. (4) on x = x_0 + sigma z; called as
-    `self(c_in x, c_noise)` the module is EDM's F (eq. 7), the network a ConsistencyFunction wraps."""
+    `eps_model(x_t, t, **kwargs)` was trained on x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps of
+    `diffusion`. `denoise(x, sigma)` is the teacher's D(x, sigma) of eq. (4) on x = x_0 + sigma z;
+    called as `self(c_in x, c_noise)` the module is EDM's F (eq. 7), the network a
+    ConsistencyFunction wraps."""
 
     def __init__(self, eps_model: nn.Module, diffusion: GaussianDiffusion, sigma_data: float = 0.5):
         super().__init__()
         self.eps_model, self.sigma_data = eps_model, sigma_data
         ab = diffusion.alpha_bar
-        self.log_sigmas = ((1 - ab) / ab).sqrt().log()    # eq. (3): log sigma_t, increasing; float64, CPU
-        self._copies = {}                                  # its copies per (device, dtype), made once
+        # eq. (3): log sigma_t, increasing; float64, CPU
+        self.log_sigmas = ((1 - ab) / ab).sqrt().log()
+        self._copies = {}  # its copies per (device, dtype), made once
 
     def _log_sigmas_like(self, sigma: torch.Tensor) -> torch.Tensor:
         key = (sigma.device, sigma.dtype)
-        if key not in self._copies:                        # cast on the CPU first: MPS has no float64
+        if key not in self._copies:  # cast on the CPU first: MPS has no float64
             self._copies[key] = self.log_sigmas.to(sigma.dtype).to(sigma.device)
         return self._copies[key]
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """t(sigma): the fractional DDPM timestep whose sigma_t is sigma, log sigma_t interpolated linearly
-        between integer steps, clamped to [0, T - 1] (below sigma_0 the teacher sees t = 0)."""
+        """t(sigma): the fractional DDPM timestep whose sigma_t is sigma, log sigma_t interpolated
+        linearly between integer steps, clamped to [0, T - 1] (below sigma_0 the teacher sees 0)."""
         log_sigmas = self._log_sigmas_like(sigma)
         ls = sigma.log().clamp(log_sigmas[0], log_sigmas[-1])
         i = torch.searchsorted(log_sigmas, ls.contiguous()).clamp(1, len(log_sigmas) - 1)
@@ -49,7 +52,8 @@ class EpsToEDM(nn.Module):
         return (i - 1).to(sigma.dtype) + (ls - lo) / (hi - lo)
 
     def eps(self, x: torch.Tensor, sigma: torch.Tensor, **model_kwargs) -> torch.Tensor:
-        """eps_hat at x = x_0 + sigma z: the network sees x_t = x / sqrt(1 + sigma^2) (eq. 3) at t(sigma)."""
+        """eps_hat at x = x_0 + sigma z: the network sees x_t = x / sqrt(1 + sigma^2) (eq. 3) at
+        t(sigma)."""
         s = sigma.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
         out = self.eps_model(x / (1 + s ** 2).sqrt(), self.timestep(sigma), **model_kwargs)
         return out.to(x.dtype)
@@ -60,8 +64,9 @@ class EpsToEDM(nn.Module):
         return x - s * self.eps(x, sigma, **model_kwargs)
 
     def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, **model_kwargs) -> torch.Tensor:
-        """Eq. (7): F(c_in x, c_noise) = (sigma x_in - sqrt(sigma^2 + sigma_d^2) eps_hat) / sigma_d, so that
-        EDM's c_skip x + c_out F is the denoiser D of eq. (4). x_in = c_in x; sigma from c_noise."""
+        """Eq. (7): F(c_in x, c_noise) = (sigma x_in - sqrt(sigma^2 + sigma_d^2) eps_hat) / sigma_d,
+        so that EDM's c_skip x + c_out F is the denoiser D of eq. (4). x_in = c_in x; sigma from
+        c_noise."""
         sigma = torch.exp(c_noise / 250.0)                       # inverts noise_conditioning
         s = sigma.reshape(-1, *([1] * (x_in.dim() - 1))).to(x_in.dtype)
         scale = (s ** 2 + self.sigma_data ** 2).sqrt()           # 1 / c_in
@@ -71,16 +76,17 @@ class EpsToEDM(nn.Module):
 
 def heun_step(denoiser, x: torch.Tensor, sigma_from: torch.Tensor, sigma_to: torch.Tensor,
               **model_kwargs) -> torch.Tensor:
-    """Eq. (5): one Heun step of the PF-ODE dx/dsigma = (x - D(x, sigma)) / sigma (eq. 1) from sigma_from to
-    sigma_to (both (B,) or scalars, > 0): an Euler predictor, then the trapezoidal rule. Two calls of D."""
+    """Eq. (5): one Heun step of the PF-ODE dx/dsigma = (x - D(x, sigma)) / sigma (eq. 1) from
+    sigma_from to sigma_to (both (B,) or scalars, > 0): an Euler predictor, then the trapezoidal
+    rule. Two calls of D."""
     shape = (-1, *([1] * (x.dim() - 1)))
     sigma_from = torch.as_tensor(sigma_from, device=x.device).expand(x.shape[0])
     sigma_to = torch.as_tensor(sigma_to, device=x.device).expand(x.shape[0])
     s, s_next = sigma_from.reshape(shape).to(x.dtype), sigma_to.reshape(shape).to(x.dtype)
-    d = (x - denoiser(x, sigma_from, **model_kwargs)) / s                       # eq. (1) at sigma_{n+1}
+    d = (x - denoiser(x, sigma_from, **model_kwargs)) / s  # eq. (1) at sigma_{n+1}
     x_euler = x + (s_next - s) * d                                              # Euler predictor
     d_next = (x_euler - denoiser(x_euler, sigma_to, **model_kwargs)) / s_next   # eq. (1) at sigma_n
-    return x + (s_next - s) * (d + d_next) / 2                                  # trapezoidal corrector
+    return x + (s_next - s) * (d + d_next) / 2  # trapezoidal corrector
 
 
 # %% notebooks/22_consistency_models.ipynb, cell 13
@@ -97,8 +103,9 @@ def karras_sigmas(N: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
 
 
 def inference_sigmas(num_steps: int, N: int, **karras) -> torch.Tensor:
-    """The sigmas of a num_steps-step sampler on eq. (8)'s N levels, descending: every (N // num_steps)-th level
-    counted down from sigma_N = T (diffusers' CMStochasticIterativeScheduler.set_timesteps(num_steps))."""
+    """The sigmas of a num_steps-step sampler on eq. (8)'s N levels, descending: every (N //
+    num_steps)-th level counted down from sigma_N = T (diffusers'
+    CMStochasticIterativeScheduler.set_timesteps(num_steps))."""
     if not 1 <= num_steps <= N:
         raise ValueError(f"num_steps must lie in 1..N = {N}, got {num_steps}")
     index = N - 1 - torch.arange(num_steps) * (N // num_steps)
@@ -106,15 +113,17 @@ def inference_sigmas(num_steps: int, N: int, **karras) -> torch.Tensor:
 
 
 def boundary_scalings(sigma: torch.Tensor, sigma_min: float = 0.002, sigma_data: float = 0.5):
-    """Eq. (6): (c_skip, c_out), exactly (1, 0) at sigma = sigma_min (the boundary condition f(x, eps) = x)."""
+    """Eq. (6): (c_skip, c_out), exactly (1, 0) at sigma = sigma_min (the boundary condition f(x,
+    eps) = x)."""
     c_skip = sigma_data ** 2 / ((sigma - sigma_min) ** 2 + sigma_data ** 2)
     c_out = (sigma - sigma_min) * sigma_data / (sigma ** 2 + sigma_data ** 2) ** 0.5
     return c_skip, c_out
 
 
 class ConsistencyFunction(nn.Module):
-    """Eq. (6): f_theta(x, sigma) = c_skip x + c_out F_theta(c_in x, c_noise) for a network F_theta(x_in, c_noise)
-    (diffusers' interface: `EpsToEDM` makes one of a book eps-network). sigma: a float or a (B,) tensor."""
+    """Eq. (6): f_theta(x, sigma) = c_skip x + c_out F_theta(c_in x, c_noise) for a network
+    F_theta(x_in, c_noise) (diffusers' interface: `EpsToEDM` makes one of a book eps-network).
+    sigma: a float or a (B,) tensor."""
 
     def __init__(self, net: nn.Module, sigma_min: float = 0.002, sigma_data: float = 0.5):
         super().__init__()
@@ -131,53 +140,58 @@ class ConsistencyFunction(nn.Module):
 
 # %% notebooks/22_consistency_models.ipynb, cell 18
 def ct_schedule(k: int, K: int, s0: int = 2, s1: int = 150, mu0: float = 0.9) -> tuple[int, float]:
-    """Eq. (12): (N(k), mu(k)) of consistency training at step k of K: N grows from s0 to s1 + 1, and the
-    target's decay mu(k) = exp(s0 ln mu0 / N(k)) with it."""
+    """Eq. (12): (N(k), mu(k)) of consistency training at step k of K: N grows from s0 to s1 + 1,
+    and the target's decay mu(k) = exp(s0 ln mu0 / N(k)) with it."""
     N = math.ceil(math.sqrt(min(k, K) / K * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1) + 1
     return N, math.exp(s0 * math.log(mu0) / N)
 
 
 class ConsistencyLoss:
-    """The CD loss (9) with `teacher` (an EpsToEDM: its denoiser's ODE, one Heun step (5)) or the CT loss (11)
-    without, against the target network `target.model` (an EMA, eq. 10). `training_loss` has the signature of
-    GaussianDiffusion.training_loss, so chapter 15's train_diffusion runs it: pass the same EMA as its `ema`.
+    """The CD loss (9) with `teacher` (an EpsToEDM: its denoiser's ODE, one Heun step (5)) or the CT
+    loss (11) without, against the target network `target.model` (an EMA, eq. 10). `training_loss`
+    has the signature of GaussianDiffusion.training_loss, so chapter 15's train_diffusion runs it:
+    pass the same EMA as its `ema`.
 
-    CD: fixed N levels and the EMA's own decay mu. CT: N(k) and mu(k) of eq. (12) at k = target.num_updates over
-    `total_steps` = K. The model is a ConsistencyFunction, called as model(x, sigma, **model_kwargs)."""
+    CD: fixed N levels and the EMA's own decay mu. CT: N(k) and mu(k) of eq. (12) at k =
+    target.num_updates over `total_steps` = K. The model is a ConsistencyFunction, called as
+    model(x, sigma, **model_kwargs)."""
 
     def __init__(self, target: EMA, *, teacher: nn.Module | None = None, N: int = 18,
                  total_steps: int | None = None, s0: int = 2, s1: int = 150, mu0: float = 0.9,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
         if teacher is None and not total_steps:
-            raise ValueError("consistency training (no teacher) needs total_steps, the K of eq. (12)")
+            raise ValueError("consistency training (no teacher) needs total_steps, K of eq. (12)")
         self.target, self.teacher, self.N, self.total_steps = target, teacher, N, total_steps
         self.s0, self.s1, self.mu0 = s0, s1, mu0
         self.karras = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
 
     def num_levels(self) -> int:
-        """N of the current step (CD: fixed; CT: eq. (12), which also sets the target's decay mu(k))."""
+        """N of the current step (CD: fixed; CT: eq. (12), which also sets the target's decay
+        mu(k))."""
         if self.teacher is not None:
             return self.N
         N, mu = ct_schedule(self.target.num_updates, self.total_steps, self.s0, self.s1, self.mu0)
         self.target.decay = mu
         return N
 
-    def training_loss(self, model, x0: torch.Tensor, generator=None, *, model_kwargs: dict | None = None):
+    def training_loss(self, model, x0: torch.Tensor, generator=None, *,
+                      model_kwargs: dict | None = None):
         kwargs = model_kwargs or {}
         N = self.num_levels()
         sigmas = karras_sigmas(N, **self.karras).to(x0.device, x0.dtype)                  # eq. (8)
-        n = torch.randint(0, N - 1, (x0.shape[0],), generator=generator, device=x0.device)  # 0-based n
+        # 0-based n
+        n = torch.randint(0, N - 1, (x0.shape[0],), generator=generator, device=x0.device)
         z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        s_next, s_now = sigmas[n + 1], sigmas[n]                                            # sigma_{n+1}, sigma_n
+        s_next, s_now = sigmas[n + 1], sigmas[n]  # sigma_{n+1}, sigma_n
         shape = (-1, *([1] * (x0.dim() - 1)))
         x_next = x0 + s_next.reshape(shape) * z
         with torch.no_grad():
-            if self.teacher is not None:                                                    # CD: eq. (5)
+            if self.teacher is not None:  # CD: eq. (5)
                 x_now = heun_step(self.teacher.denoise, x_next, s_next, s_now, **kwargs)
-            else:                                                                           # CT: eq. (11)
+            else:  # CT: eq. (11)
                 x_now = x0 + s_now.reshape(shape) * z
-            target = self.target.model(x_now, s_now, **kwargs)                             # f_{theta^-}
-        return F.mse_loss(model(x_next, s_next, **kwargs).float(), target.float())          # eq. (9) / (11)
+            target = self.target.model(x_now, s_now, **kwargs)  # f_{theta^-}
+        return F.mse_loss(model(x_next, s_next, **kwargs).float(), target.float())  # eq. (9) / (11)
 
 
 # %% notebooks/22_consistency_models.ipynb, cell 21
@@ -185,17 +199,20 @@ class ConsistencyLoss:
 def consistency_sample(f: nn.Module, shape, *, sigmas, generator=None, device="cpu", x_T=None,
                        progress_bar: bool = False, model_kwargs: dict | None = None, clip_x0=1.0,
                        dtype=torch.float32) -> torch.Tensor:
-    """Algorithm 1 / eq. (13) with the consistency function `f` (its `sigma_min` is eps): x = f(sigma_1 z,
-    sigma_1), then for each further sigma: add noise up to it and apply f. `sigmas` descending (sigmas[0] = T);
-    NFE = len(sigmas). The draws from `generator`: x_T first, then one noise per later step (the scheduler's order).
-    The signature fits groundup.unet.sample_images' `sampler` (progress_bar is accepted and ignored)."""
+    """Algorithm 1 / eq. (13) with the consistency function `f` (its `sigma_min` is eps): x =
+    f(sigma_1 z, sigma_1), then for each further sigma: add noise up to it and apply f. `sigmas`
+    descending (sigmas[0] = T); NFE = len(sigmas). The draws from `generator`: x_T first, then one
+    noise per later step (the scheduler's order). The signature fits groundup.unet.sample_images'
+    `sampler` (progress_bar is accepted and ignored)."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
     kwargs = model_kwargs or {}
-    x = x_T if x_T is not None else torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    x = x * sigmas[0].item() if x_T is None else x                       # x_T = T z
+    if x_T is None:
+        x = torch.randn(shape, generator=generator, device=device, dtype=dtype) * sigmas[0].item()
+    else:
+        x = x_T                                                           # x_T = T z
     bound = None if clip_x0 is None else float(clip_x0)
     for i, sigma in enumerate(sigmas):
-        if i > 0:                                                         # eq. (13): noise up to sigma
+        if i > 0:  # eq. (13): noise up to sigma
             z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = x + math.sqrt(sigma.item() ** 2 - f.sigma_min ** 2) * z
         x = f(x, sigma.item(), **kwargs)
