@@ -3,6 +3,8 @@
 import ast
 import dataclasses
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -69,12 +71,19 @@ def test_hub_folder_round_trip(tmp_path):
     ids = torch.randint(11, (2, 5))
     with torch.no_grad():
         expected = model(ids).logits
-    with import_blocked("groundup"):
-        remote = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-        with torch.no_grad():
-            got = remote(ids).logits
-    assert type(remote).__module__.startswith("transformers_modules.")
-    assert torch.equal(got, expected)
+    # trust_remote_code in a fresh interpreter where the book's package cannot be imported: in this process
+    # another test may have registered the classes, and transformers then prefers them to the folder's code
+    torch.save({"ids": ids, "expected": expected}, tmp_path / "io.pt")
+    code = ("import sys, torch; sys.modules['groundup'] = None; "
+            "from transformers import AutoModelForCausalLM; "
+            f"m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval(); "
+            "assert type(m).__module__.startswith('transformers_modules.'), type(m).__module__; "
+            f"d = torch.load({str(tmp_path / 'io.pt')!r}); "
+            "torch.set_grad_enabled(False); "
+            "assert torch.equal(m(d['ids']).logits, d['expected']), 'logits differ'")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
     register_groundup_gpt()
     local = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert type(local) is GroundUpGPTForCausalLM
