@@ -48,6 +48,14 @@ def test_stamp_header_fills_the_profiles_row_and_the_outputs_line():
     assert "| cpu | 2 CPU cores | 3000 steps | 30 s (measured 2026-12-03) |" in text
 
 
+def test_stamp_replaces_a_wrapped_outputs_paragraph_whole():
+    nb = notebook(HEADER + "\n\n**Outputs on this page.** None yet: a draft; its first cpu run\nwill fill this page.")
+    run_notebooks.stamp_header(nb, "cpu", "CPU: X (2 cores)", 120.0, "2026-12-03")
+    text = nb.cells[0].source
+    assert "will fill this page" not in text
+    assert text.endswith("2.0 min for the whole notebook (2026-12-03).")
+
+
 def test_leaked_paths_finds_this_machines_folders(monkeypatch, tmp_path):
     monkeypatch.setenv("BOOK_DATA", str(tmp_path / "data"))
     clean = notebook(outputs=["wrote results/01_x.json\n"])

@@ -67,7 +67,17 @@ def stamp_header(nb, profile: str, device: str, seconds: float, date: str, load:
     busy = f", on a machine shared with other jobs (load average {load:.1f})" if load else ""
     stamp = (f"{OUTPUTS_LINE} A `{profile}`-profile run on {device}: {minutes} for the whole notebook "
              f"({date}{busy}).")
-    lines = [stamp if line.startswith(OUTPUTS_LINE) else line for line in lines]
+    kept, in_old = [], False
+    for line in lines:                       # the old outputs paragraph, all its lines, becomes the stamp
+        if line.startswith(OUTPUTS_LINE):
+            kept.append(stamp)
+            in_old = True
+        elif in_old and line.strip() and not line.startswith(("|", "#")):
+            continue
+        else:
+            in_old = False
+            kept.append(line)
+    lines = kept
     if profile in ("cpu", "full"):
         kept = []
         for line in lines:                       # the draft's sentence goes, and the blank line it leaves
