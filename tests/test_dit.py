@@ -73,6 +73,16 @@ def test_fresh_dit_outputs_zero_and_null_class_is_none():
         net(torch.randn(3, 3, 16, 16), t)
 
 
+def test_class_table_scale_is_the_authors_by_default_and_settable():
+    cfg = replace(TOY, hidden_size=64, num_classes=1000)       # 1001 x 64 entries: a tight estimate
+    torch.manual_seed(0)
+    authors = DiT(cfg).y_embedder.weight.std().item()
+    unit = DiT(replace(cfg, class_embed_std=1.0)).y_embedder.weight.std().item()
+    assert abs(authors - 0.02) < 0.001 and abs(unit - 1.0) < 0.05
+    # only the table changes: the time MLP keeps the authors' N(0, 0.02)
+    assert abs(DiT(replace(cfg, class_embed_std=1.0)).t_embedder.linear_2.weight.std() - 0.02) < 0.002
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_equal_to_diffusers_dit_with_ported_weights(dtype, tol):
     ours = awake(replace(TOY, freq_shift=1, depth=3, patch_size=4), dtype=dtype)

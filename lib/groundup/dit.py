@@ -110,6 +110,8 @@ class DiTConfig:
     norm_eps: float = 1e-6          # LayerNorm epsilon before attention
     mlp_norm_eps: float = 1e-6      # ... before the MLP (diffusers' norm_eps; its default is 1e-5)
     zero_init: bool = True          # adaLN-Zero; False: plain adaLN (the paper's ablation)
+    class_embed_std: float = 0.02   # init of the class table e(y): the authors' 0.02; 1.0: PyTorch's
+                                    # nn.Embedding default, which diffusers' LabelEmbedding keeps
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -158,8 +160,9 @@ class DiT(nn.Module):
     @torch.no_grad()
     def initialize_weights(self) -> "DiT":
         """The authors' scheme: Xavier-uniform linear maps (the patch embedding as a linear map),
-        N(0, 0.02) for the class table and the time MLP, and zeros for every adaLN regression and
-        the output layer (adaLN-Zero). With zero_init=False only the output layer stays zero."""
+        N(0, 0.02) for the time MLP and the class table (`class_embed_std` sets the table's
+        scale), and zeros for every adaLN regression and the output layer (adaLN-Zero). With
+        zero_init=False only the output layer stays zero."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -172,7 +175,7 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
         if self.config.num_classes is not None:
-            nn.init.normal_(self.y_embedder.weight, std=0.02)
+            nn.init.normal_(self.y_embedder.weight, std=self.config.class_embed_std)
         for lin in (self.t_embedder.linear_1, self.t_embedder.linear_2):
             nn.init.normal_(lin.weight, std=0.02)
         zeroed = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
