@@ -53,8 +53,10 @@ UPLOAD_LIMIT_MB = 64  # what one call of the GPU machine receives: working tree 
 # (training, evaluation, torch.compile, kernel start), read off the chapters' headers. ESTIMATES,
 # NOT MEASUREMENTS: a chapter's own last full run on a GPU, recorded in its notebook's metadata,
 # replaces its row.
-ESTIMATED_FULL_S = {"01": 60, "02": 90, "03": 300, "04": 420, "05": 180, "06": 240, "07": 180,
-                    "08": 300, "09": 360, "14": 300, "15": 420, "16": 900, "17": 900}
+# 05: a 12-row attention benchmark and two 3,000-step copy models of 0.4M parameters; 09: one 600-step
+# run of an 18M-parameter GPT and nine 300-step ablation runs of a 2.4M one (sizes from their presets).
+ESTIMATED_FULL_S = {"01": 60, "02": 90, "03": 300, "04": 420, "05": 90, "06": 240, "07": 180,
+                    "08": 300, "09": 240, "14": 300, "15": 420, "16": 900, "17": 900}
 DEFAULT_ESTIMATE_S = 600  # a chapter with neither a recorded run nor a row above
 
 # What a chapter loads, found in its code: a call of a loader of groundup.data, or of a library
