@@ -168,6 +168,40 @@ def test_budget_stops_between_chapters_and_the_archive_holds_what_ran(book, monk
     assert (other / "checkpoints" / "01_keep.bin").read_bytes() == b"artefact"
 
 
+def test_results_are_packed_when_the_machine_names_no_results_folder(book, monkeypatch):
+    # The GPU machine sets no BOOK_RESULTS_DIR: the chapters then write the committed records (as
+    # tools/run_notebooks.py has them do), and the archive must carry those records.
+    monkeypatch.delenv("BOOK_RESULTS_DIR")
+    stray = ROOT / "results" / "01_fake.json"  # where a regression would write (the real checkout)
+    assert not stray.exists()
+    code = (
+        "from groundup.results import results_dir\n"
+        "results_dir().mkdir(exist_ok=True)\n"
+        "(results_dir() / '01_fake.json').write_text('{\"rows\": []}')\n"
+    )
+    fake_chapter(book, "01_records", code, expected_s=2)
+    archive = book / "out" / "reference.tar.gz"
+    try:
+        assert run(book, "--budget", "120", "--chapters", "01", "--archive", str(archive)) == 0
+        assert (book / "results" / "01_fake.json").is_file()
+        assert "results/01_fake.json" in members(archive)
+    finally:
+        stray.unlink(missing_ok=True)
+
+
+def test_figures_are_drawn_into_the_executed_notebooks(book, monkeypatch):
+    monkeypatch.setenv("MPLBACKEND", "Agg")  # as `make test` sets it, or a headless shell might
+    code = "import matplotlib.pyplot as plt\nplt.plot([0, 1], [1, 0])\nplt.show()\n"
+    fake_chapter(book, "01_figure", code, expected_s=2)
+    archive = book / "out" / "reference.tar.gz"
+    assert run(book, "--budget", "120", "--chapters", "01", "--archive", str(archive)) == 0
+    with tarfile.open(archive) as tar:
+        executed = nbformat.reads(
+            tar.extractfile("notebooks/01_figure.ipynb").read().decode(), as_version=4
+        )
+    assert any("image/png" in o.get("data", {}) for o in executed.cells[0].outputs)
+
+
 def test_size_cap_leaves_out_the_least_needed_files_first(book, monkeypatch, capsys):
     fake_chapter(book, "01_fast", "", expected_s=2)
     monkeypatch.setattr(reference, "ARTEFACTS", {"01": ("01_big.bin",)})

@@ -691,6 +691,9 @@ def run(args) -> int:
     notebooks = root / "notebooks"
     work = root / "_build" / "reference"
     os.environ["BOOK_PROFILE"] = args.profile
+    # The committed records, where tools/run_notebooks.py has the chapters write them: set here too, so
+    # that the packing below reads the same folder (unset, results_dir() is a reader's scratch folder).
+    os.environ.setdefault("BOOK_RESULTS_DIR", str(root / "results"))
     from groundup.checkpoint import checkpoint_dir
     from groundup.results import results_dir
 
@@ -714,7 +717,10 @@ def run(args) -> int:
     if data is None and os.environ.get("BOOK_DATA"):
         data = Path(os.environ["BOOK_DATA"]).resolve()
     check_data(chapters, data)
-    env = dict(os.environ, BOOK_PROFILE=args.profile, PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    # The kernels draw their figures into the notebooks with the inline backend (ipykernel's default),
+    # whatever MPLBACKEND this shell has: with Agg, plt.show() would leave the figure cells empty.
+    env = dict(os.environ, BOOK_PROFILE=args.profile, PYTHONUNBUFFERED="1",
+               MPLBACKEND="module://matplotlib_inline.backend_inline")
     if data is not None:
         env["BOOK_DATA"] = str(data)
     pythonpath = [str(ROOT / "lib")]
