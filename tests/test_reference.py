@@ -476,6 +476,27 @@ def test_unpack_refuses_paths_outside_the_repository(tmp_path, bad):
     )  # nothing at all was written
 
 
+def test_unpack_keeps_the_record_of_another_profile_that_it_replaces(tmp_path):
+    root = tmp_path / "repo"
+    (root / "results").mkdir(parents=True)
+    (root / "results" / "07_x.json").write_text('{"profile": "cpu", "v": 1}')
+    (root / "results" / "05_y.json").write_text('{"profile": "full", "v": 1}')
+    archive = tmp_path / "full.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in ("results/07_x.json", "results/05_y.json"):
+            data = b'{"profile": "full", "v": 2}'
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    names = reference.unpack(archive, root)
+    assert json.loads((root / "results" / "07_x.json").read_text()) == {"profile": "full", "v": 2}
+    assert json.loads((root / "results" / "cpu" / "07_x.json").read_text()) == {"profile": "cpu", "v": 1}
+    assert "results/cpu/07_x.json (the record it replaces, kept)" in names
+    # a record of the same profile is simply replaced
+    assert json.loads((root / "results" / "05_y.json").read_text())["v"] == 2
+    assert not (root / "results" / "full").exists()
+
+
 def test_default_order_is_chapters_without_a_gpu_full_run_cheapest_first(book, monkeypatch):
     monkeypatch.setattr(reference, "ESTIMATED_FULL_S", {"01": 50, "02": 300, "03": 100, "04": 100})
     fake_chapter(book, "01_done", "", expected_s=40, device="NVIDIA H200", profile="full")

@@ -205,8 +205,23 @@ def test_read_results_prefers_this_run_then_the_committed_record(monkeypatch, tm
     assert results.read_results("07_x") == {"profile": "cpu"}
     (tmp_path / "scratch").mkdir()
     (tmp_path / "scratch" / "07_x.json").write_text('{"profile": "smoke"}')
+    monkeypatch.setenv("BOOK_PROFILE", "smoke")                  # a reader's smoke runs of both chapters
     assert results.read_results("07_x") == {"profile": "smoke"}
     assert results.read_results("99_none") is None
+
+
+def test_read_results_prefers_a_record_of_the_same_profile(monkeypatch, tmp_path, book_root):
+    # A GPU's full run replaced chapter 07's cpu record; the cpu record is kept in results/cpu/.
+    committed = book_root / "results"
+    (committed / "cpu").mkdir(parents=True)
+    (committed / "07_x.json").write_text('{"profile": "full"}')
+    (committed / "cpu" / "07_x.json").write_text('{"profile": "cpu"}')
+    monkeypatch.setenv("BOOK_RESULTS_DIR", str(committed))      # as `make outputs` runs
+    monkeypatch.setenv("BOOK_PROFILE", "cpu")
+    assert results.read_results("07_x") == {"profile": "cpu"}
+    assert results.read_results("07_x", profile="full") == {"profile": "full"}
+    monkeypatch.setenv("BOOK_PROFILE", "smoke")                  # none of this profile: any record
+    assert results.read_results("07_x") == {"profile": "full"}
 
 
 def test_record_results_prints_no_absolute_path(monkeypatch, tmp_path, book_root, capsys):

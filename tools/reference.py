@@ -852,6 +852,25 @@ def pack(
 # ----------------------------------------------------------------------------- unpacking
 
 
+def keep_replaced_record(target: Path, new: bytes, root: Path) -> str | None:
+    """Before a results record of one profile (a GPU's full run) overwrites one of another profile (a cpu
+    run), move the old one to ``results/<its profile>/``: later chapters of that profile compare themselves
+    with it (``groundup.results.read_results``), and the results page lists it. Returns its new path."""
+    if target.parent != root / "results" or target.suffix != ".json" or not target.is_file():
+        return None
+    try:
+        old_profile = json.loads(target.read_text(encoding="utf-8")).get("profile")
+        new_profile = json.loads(new).get("profile")
+    except (ValueError, AttributeError):
+        return None
+    if not old_profile or old_profile == new_profile or not re.fullmatch(r"[a-z]+", old_profile):
+        return None
+    kept = target.parent / old_profile / target.name
+    kept.parent.mkdir(exist_ok=True)
+    shutil.move(target, kept)
+    return kept.relative_to(root).as_posix()
+
+
 def unpack(archive: Path, root: Path) -> list[str]:
     """Extract a reference archive into ``root``; refuse it whole if any member is not a plain file
     inside it."""
@@ -878,6 +897,9 @@ def unpack(archive: Path, root: Path) -> list[str]:
             if m.isfile():
                 target = root / m.name
                 target.parent.mkdir(parents=True, exist_ok=True)
+                kept = keep_replaced_record(target, tar.extractfile(m).read(), root)
+                if kept:
+                    names.append(f"{kept} (the record it replaces, kept)")
                 with tar.extractfile(m) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)
                 names.append(m.name)

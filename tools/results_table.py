@@ -37,6 +37,14 @@ def load(root: Path = ROOT) -> list[dict]:
     return load_records(root / "results")
 
 
+def load_kept(root: Path = ROOT) -> list[dict]:
+    """The records kept in ``results/<profile>/`` after a run of another profile replaced them (a chapter's
+    cpu run, once a GPU's full run became its record), in chapter order."""
+    kept = [r for folder in sorted(p for p in (root / "results").iterdir() if p.is_dir())
+            for r in load_records(folder)]
+    return sorted(kept, key=lambda r: r["chapter"])
+
+
 def _device(rec: dict) -> str:
     return rec["device"]
 
@@ -65,8 +73,11 @@ def overview(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def readme(records: list[dict]) -> str:
-    return f"# Results\n\n{INTRO}\n{summary(records)}\n"
+def readme(records: list[dict], kept: list[dict] = ()) -> str:
+    text = f"# Results\n\n{INTRO}\n{summary(records)}\n"
+    if kept:
+        text += (f"\n## Earlier runs of another profile\n\n{KEPT_INTRO}\n{summary(kept)}\n")
+    return text
 
 
 def _data_item(name: str, d) -> str:
@@ -92,7 +103,13 @@ def describe_data(data: dict) -> str:
     return _data_item("data", data)
 
 
-def book_page(records: list[dict]) -> str:
+KEPT_INTRO = """A chapter's record is its best run (BOOK.md: `full` where a GPU run exists, else `cpu`). When a
+GPU's `full` run replaced a `cpu` record, the `cpu` record is kept in `results/cpu/`: later chapters of
+the cpu profile compare themselves with it, and its rows follow here.
+"""
+
+
+def book_page(records: list[dict], kept: list[dict] = ()) -> str:
     """The website's results page: the one-screen summary, how runs are judged, then every row of every
     chapter, each chapter's table folded under its heading."""
     parts = ["# Results\n\nOne row per chapter: its headline number, its target, and the run that made it "
@@ -108,12 +125,20 @@ def book_page(records: list[dict]) -> str:
         parts.append(f"\n(ch-{number})=\n### {number} · {rec['title']}\n\n"
                      f"{len(rec['rows'])} rows from {link}, {rec['profile']} profile on {rec['device']}.\n\n"
                      f"::::{{dropdown}} The {len(rec['rows'])} rows and the data\n{body}::::\n")
+        for old in (k for k in kept if k["chapter"] == rec["chapter"]):
+            h = headline(old)
+            parts.append(f"\nThe chapter's earlier {old['profile']}-profile run ({old['device']}, "
+                         f"{old['date'][:10]}, commit `{old['git']['commit'][:8]}`), kept in "
+                         f"`results/{old['profile']}/`: {h['metric']} {_fmt(h['ours'], h['unit'])} "
+                         f"(target {h['target']}: {met_text(old, h)}).\n\n"
+                         f"::::{{dropdown}} Its {len(old['rows'])} rows\n{rows_markdown(old)}\n::::\n")
     return "".join(parts)
 
 
 def outputs(root: Path = ROOT) -> dict[Path, str]:
-    records = load(root)
-    return {root / "results" / "README.md": readme(records), root / "book" / "results.md": book_page(records)}
+    records, kept = load(root), load_kept(root)
+    return {root / "results" / "README.md": readme(records, kept),
+            root / "book" / "results.md": book_page(records, kept)}
 
 
 TABLE_HEAD = "| metric | ours | paper |"

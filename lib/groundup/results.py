@@ -39,14 +39,28 @@ def committed_results_dir() -> Path:
     return book_root() / "results"
 
 
-def read_results(slug: str) -> dict | None:
-    """The latest record of chapter ``slug``: this session's run if there is one, else the committed one,
-    else None (for a chapter that compares itself with an earlier chapter's measured numbers)."""
-    for folder in (results_dir(), committed_results_dir()):
-        path = folder / f"{slug}.json"
+def kept_results_dir(profile: str) -> Path:
+    """``results/<profile>/``: a committed record of ``profile`` kept after a run of another profile (a GPU's
+    ``full`` run) replaced it as the chapter's record, so that later chapters of that profile can still
+    compare themselves with it."""
+    return committed_results_dir() / profile
+
+
+def read_results(slug: str, profile: str | None = None) -> dict | None:
+    """The record of chapter ``slug`` that a later chapter compares itself with (its measured numbers, its
+    checkpoint's name): the first of this session's run, the committed record and the one kept in
+    ``results/<profile>/`` whose profile is ``profile`` (default: this run's), else the first of them that
+    exists, whatever its profile; None if there is none."""
+    profile = profile or get_profile()
+    found = []
+    for path in (results_dir() / f"{slug}.json", committed_results_dir() / f"{slug}.json",
+                 kept_results_dir(profile) / f"{slug}.json"):
         if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))
-    return None
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if record.get("profile") == profile:
+                return record
+            found.append(record)
+    return found[0] if found else None
 
 
 def git_commit(root: Path | None = None) -> dict:
