@@ -53,8 +53,9 @@ UPLOAD_LIMIT_MB = 64  # what one call of the GPU machine receives: working tree 
 # (training, evaluation, torch.compile, kernel start), read off the chapters' headers. ESTIMATES,
 # NOT MEASUREMENTS: a chapter's own last full run on a GPU, recorded in its notebook's metadata,
 # replaces its row.
-# 05: a 12-row attention benchmark and two 3,000-step copy models of 0.4M parameters; 09: one 600-step
-# run of an 18M-parameter GPT and nine 300-step ablation runs of a 2.4M one (sizes from their presets).
+# 05: a 12-row attention benchmark and two 3,000-step copy models of 0.4M parameters; 09: an 800-step run
+# of a 16M-parameter GPT, 40 timed steps at GPT-2 small's shape and nine 300-step ablation runs (its
+# earlier preset took 157 s on an H200; the GPT-2-shape compilation adds about a minute).
 ESTIMATED_FULL_S = {"01": 60, "02": 90, "03": 300, "04": 420, "05": 90, "06": 240, "07": 180,
                     "08": 300, "09": 240, "14": 300, "15": 420, "16": 900, "17": 900}
 DEFAULT_ESTIMATE_S = 600  # a chapter with neither a recorded run nor a row above
