@@ -171,6 +171,13 @@ def test_quick_classifier_path_records_its_settings(tmp_path, monkeypatch):
     others = {quick_classifier_path("smoke", n_train=5000), quick_classifier_path("smoke", epochs=5),
               quick_classifier_path("smoke", widths=[16, 32, 64]), quick_classifier_path("full")}
     assert default not in others and len(others) == 4
+    # the recipe is part of the name too: a changed learning rate never loads the old classifier
+    import dataclasses
+    import groundup.evaluate as evaluate_module
+    original = evaluate_module._quick_classifier_recipe
+    monkeypatch.setattr(evaluate_module, "_quick_classifier_recipe",
+                        lambda epochs: dataclasses.replace(original(epochs), lr=0.05))
+    assert quick_classifier_path("smoke") != default
 
 
 def test_statistics_are_float64_on_the_cpu_for_device_tensors():

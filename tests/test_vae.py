@@ -291,24 +291,33 @@ def test_keep_best_returns_the_weights_of_the_best_evaluation(tmp_path, with_che
         train_vae(VAE(cfg), X, steps=2, batch_size=8, lr=1e-3, seed=0, keep_best=True)
 
 
-def test_iwae_evaluation_shows_progress(monkeypatch):
-    """L_K costs K decoder passes per image: evaluate_vae shows a progress bar over its batches when
-    K > 0."""
+def test_iwae_evaluation_shows_progress_in_images(monkeypatch):
+    """L_K costs K decoder passes per image: evaluate_vae shows a progress bar when K > 0 that counts
+    images and moves more than once per evaluation batch (a bar over 1,000-image batches showed 1/1)."""
     import groundup.vae as vae_module
 
-    calls = []
+    bars = []
 
-    def recording(iterable=None, **kwargs):
-        calls.append(kwargs.get("desc"))
-        return iterable
+    class Recording:
+        def __init__(self, iterable=None, **kwargs):
+            self.kwargs, self.updates, self.closed = kwargs, [], False
+            bars.append(self)
 
-    monkeypatch.setattr(vae_module, "progress", recording)
+        def update(self, n):
+            self.updates.append(n)
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(vae_module, "progress", Recording)
     model = VAE(VAEConfig(x_dim=16, hidden=8, n_hidden=1, z_dim=2))
     X_eval = binarize(_toy_images(20), "stochastic", torch.Generator().manual_seed(0))
     evaluate_vae(model, X_eval, batch_size=8)
-    assert calls == []
-    evaluate_vae(model, X_eval, K=5, batch_size=8)
-    assert calls == ["L_5 on 20 images"]
+    assert bars == []
+    evaluate_vae(model, X_eval, K=5, batch_size=8, iwae_batch=3)
+    (bar,) = bars
+    assert bar.kwargs["total"] == 20 and bar.kwargs["unit"] == "image" and bar.closed
+    assert bar.updates == [3, 3, 2, 3, 3, 2, 3, 1]         # batches of 8, 8, 4 in groups of 3
 
 
 def test_discretized_decoder_mean_is_bounded_to_the_data_range():

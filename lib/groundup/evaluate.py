@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from groundup.checkpoint import checkpoint_dir
 from groundup.cnn import (CifarClassifier, Recipe, cifar10_tensors, classifier_path, extract_features,
                           load_cifar_classifier, predict, save_cifar_classifier, train_classifier)
-from groundup.runtime import get_profile
+from groundup.runtime import get_profile, run_tag
 
 
 # %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 32
@@ -62,12 +62,19 @@ def _quick_classifier_settings(profile: str | None = None, n_train=None, epochs=
             tuple(widths or ((64, 256, 256) if full else (16, 32, 32))))
 
 
+def _quick_classifier_recipe(epochs: int) -> Recipe:
+    """Chapter 03's recipe, shortened, for the quick classifier"""
+    return Recipe(epochs=epochs, batch_size=64, lr=0.1, momentum=0.85, nesterov=True, weight_decay=5e-4,
+                  bias_lr_mult=64.0, schedule="triangle", label_smoothing=0.2, translate=2, flip="alternate")
+
+
 def quick_classifier_path(profile: str | None = None, *, n_train: int | None = None, epochs: int | None = None,
                           widths=None):
-    """Where the quick classifier is saved; the name records the settings it was trained with"""
+    """Where the quick classifier is saved: the name hashes everything that shapes it (data size, widths, the
+    whole recipe), so a changed setting never loads a stale classifier"""
     n_train, epochs, widths = _quick_classifier_settings(profile, n_train, epochs, widths)
-    return checkpoint_dir() / (f"16_quick_cifar_classifier_{profile or get_profile()}_n{n_train}_e{epochs}"
-                               f"_w{'-'.join(map(str, widths))}.safetensors")
+    tag = run_tag(_quick_classifier_recipe(epochs), n_train=n_train, widths=widths, seed=0)
+    return checkpoint_dir() / f"16_quick_cifar_classifier_{profile or get_profile()}_{tag}.safetensors"
 
 
 def classifier_digest(classifier) -> str:
@@ -102,9 +109,8 @@ def get_cifar_classifier(device="cpu", *, n_train: int | None = None, epochs: in
         torch.manual_seed(0)
         model = CifarClassifier(widths)
         model.init_whitening(X[:1000])
-        recipe = Recipe(epochs=epochs, batch_size=64, lr=0.1, momentum=0.85, nesterov=True, weight_decay=5e-4,
-                        bias_lr_mult=64.0, schedule="triangle", label_smoothing=0.2, translate=2, flip="alternate")
-        train_classifier(model, X, y, Xt, yt, recipe, device=device, desc="quick CIFAR-10 classifier")
+        train_classifier(model, X, y, Xt, yt, _quick_classifier_recipe(epochs), device=device,
+                         desc="quick CIFAR-10 classifier")
         acc = (predict(model, Xt.to(device), "none").argmax(1).cpu() == yt).float().mean().item()
         save_cifar_classifier(model, path, test_accuracy=acc, profile=get_profile(), chapter="16 (quick classifier)",
                               train_images=n_train, epochs=epochs)

@@ -225,23 +225,26 @@ def iwae_bound(model: VAE, x: torch.Tensor, K: int, generator: torch.Generator |
 
 
 @torch.no_grad()
-def evaluate_vae(model: VAE, X: torch.Tensor, *, K: int = 0, batch_size: int = 1000, seed: int = 0) -> dict:
-    """Mean negative ELBO (one sample of z per example) and, with K > 0, mean -L_K over the rows of X, in nats."""
+def evaluate_vae(model: VAE, X: torch.Tensor, *, K: int = 0, batch_size: int = 1000, iwae_batch: int = 100,
+                 seed: int = 0) -> dict:
+    """Mean negative ELBO (one sample of z per example) and, with K > 0, mean -L_K over the rows of X, in nats
+    (computed ``iwae_batch`` images at a time, with a progress bar that counts images)."""
     was_training = model.training
     model.eval()
     g = torch.Generator(device=X.device).manual_seed(seed)
     neg_elbo, rec, kl, neg_iwae = 0.0, 0.0, 0.0, 0.0
-    starts = range(0, len(X), batch_size)
-    if K:                                 # L_K costs K decoder passes per image: show progress
-        starts = progress(starts, desc=f"L_{K} on {len(X):,} images")
-    for start in starts:
+    bar = progress(total=len(X), desc=f"L_{K}", unit="image") if K else None  # K decoder passes per image
+    for start in range(0, len(X), batch_size):
         xb = X[start:start + batch_size]
         out = model(xb, generator=g)
         neg_elbo -= out["elbo"].sum().item()
         rec -= out["rec"].sum().item()
         kl += out["kl"].sum().item()
-        if K:
-            neg_iwae -= iwae_bound(model, xb, K, generator=g).sum().item()
+        for sub in (xb.split(iwae_batch) if K else ()):                    # L_K in smaller groups of images
+            neg_iwae -= iwae_bound(model, sub, K, generator=g).sum().item()
+            bar.update(len(sub))
+    if bar is not None:
+        bar.close()
     model.train(was_training)
     n = len(X)
     result = {"neg_elbo": neg_elbo / n, "neg_rec": rec / n, "kl": kl / n}
