@@ -22,14 +22,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "lib"))
 from groundup.results import _fmt, headline, load_records, met_text, rows_markdown, table_row  # noqa: E402
 
-INTRO = """Every number below was written by a chapter's own code into `results/<chapter>.json` and
-collected by `tools/results_table.py` (`make results`). A run is judged against the targets of its
-profile (BOOK.md): a `cpu` run (at most 30 minutes on 2 CPU cores) against the cpu targets, a `full`
-run (at most 10 minutes of training on one H100/H200) against the full targets. A `smoke` run (seconds
-of training, what CI runs) only shows that the code runs end to end: its targets read "smoke run",
-except the checks that hold in any profile (equivalences with a reference implementation, exact
-round trips), which are judged in every run. Paper figures are quoted with their source; ours were
-measured.
+INTRO = """Every number below was written by a chapter's own code into `results/<chapter>.json` and collected by
+`tools/results_table.py` (`make results`). A run is judged against the targets of its profile, which the
+book's specification (BOOK.md) sets and the Targets page (`book/targets.md`) lists: a `cpu` run (at most
+30 minutes on 2 CPU cores) against the cpu targets, a `full` run (at most 10 minutes of training on one
+H100/H200) against the full targets. A `smoke` run (seconds of training, what CI runs) only shows that
+the code runs end to end: its targets read "smoke run", except the checks that hold in any profile
+(equivalences with a reference implementation, exact round trips), which are judged in every run. Paper
+figures are quoted with their source; ours were measured.
 """
 
 
@@ -103,7 +103,7 @@ def describe_data(data: dict) -> str:
     return _data_item("data", data)
 
 
-KEPT_INTRO = """A chapter's record is its best run (BOOK.md: `full` where a GPU run exists, else `cpu`). When a
+KEPT_INTRO = """A chapter's record is its best run (the book's rule: `full` where a GPU run exists, else `cpu`). When a
 GPU's `full` run replaced a `cpu` record, the `cpu` record is kept in `results/cpu/`: later chapters of
 the cpu profile compare themselves with it, and its rows follow here.
 """
