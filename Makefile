@@ -20,6 +20,11 @@ PROFILE ?= cpu
 help:
 	@echo "make book          set up .venv and build the website into _build/html"
 	@echo "make test          set up .venv, run unit tests, the export check, every notebook (smoke), the site build and its browser test"
+	@echo "make unit          only the unit tests (tests/)"
+	@echo "make notebooks     only the notebooks, smoke profile, under nbmake"
+	@echo "make html          only the website build (committed outputs, nothing executed)"
+	@echo "make results       regenerate results/README.md and book/results.md from results/*.json"
+	@echo "make clean         remove _build"
 	@echo "make lab           open JupyterLab"
 	@echo "make export        write lib/groundup/ from the notebooks' #| export cells"
 	@echo "make check-export  fail if lib/ is out of sync with the notebooks"
