@@ -151,6 +151,28 @@ def test_fid_reference_is_computed_once_and_keyed_by_its_count(tmp_path, monkeyp
     assert first["mu"].shape == (2048,) and first["reference"] == "CIFAR-10 train[:4]"
 
 
+def test_fid_reference_of_mnist_feeds_gray_digits_as_three_equal_channels(tmp_path, monkeypatch, mirror, capsys):
+    """Chapter 18's cpu FID: MNIST's reference and floor, gray digits = their RGB copies, clear errors."""
+    from groundup.evaluate import fid_images
+
+    monkeypatch.setenv("BOOK_DATA", str(mirror))
+    monkeypatch.setenv("BOOK_CHECKPOINT_DIR", str(tmp_path))
+    model = load_inception()
+    ref = fid_reference(3, dataset="mnist", model=model)
+    assert "computed and cached" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("fid_ref_mnist_train3_floor_test3_*.pt"))) == 1
+    assert ref["reference"] == "MNIST train[:3]" and ref["floor_set"] == "MNIST test[:3]" and ref["floor"] > 0
+    gray = fid_images("mnist", "train", 3)
+    assert gray.shape == (3, 1, 28, 28) and 0 <= gray.min() and gray.max() <= 1
+    feats = inception_features(gray, model)
+    assert torch.equal(feats, inception_features(gray.repeat(1, 3, 1, 1), model))
+    assert torch.allclose(ref["mu"], feats.mean(0))
+    with pytest.raises(ValueError, match="fewer than"):
+        fid_images("mnist", "test", 10**7)
+    with pytest.raises(ValueError, match="cifar10"):
+        fid_reference(3, dataset="svhn", model=model)
+
+
 def test_classifier_digest_prefers_the_stored_sha256(tmp_path):
     class Clf:
         info = {"sha256": "abc123", "path": str(tmp_path / "none")}

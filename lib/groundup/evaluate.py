@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from groundup.basics import mnist_tensors
 from groundup.checkpoint import checkpoint_dir
 from groundup.cnn import (CifarClassifier, Recipe, cifar10_tensors, classifier_path, extract_features,
                           load_cifar_classifier, predict, save_cifar_classifier, train_classifier)
@@ -199,7 +200,10 @@ def resize_bilinear_tf(x: torch.Tensor, size=(299, 299)) -> torch.Tensor:
 @torch.no_grad()
 def inception_features(images: torch.Tensor, model, batch_size: int = 100, device=None) -> torch.Tensor:
     """(N, 2048) pool3 features (float64, CPU) of images in [0, 1], as TF-FID computes them: 8-bit pixels p,
-    resized to 299 x 299 by TensorFlow's bilinear rule, fed as (p - 128) / 128"""
+    resized to 299 x 299 by TensorFlow's bilinear rule, fed as (p - 128) / 128. Gray images (N, 1, H, W), MNIST's,
+    go in as three equal channels, the RGB image a PNG of a gray picture decodes to."""
+    if images.dim() == 4 and images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
     if device is None:
         params = list(model.parameters())
         device = params[0].device if params else torch.device("cpu")
@@ -221,22 +225,39 @@ def fid_inception(images, reference, device="cpu", model=None, batch_size: int =
     return frechet_distance(mu1, s1, mu2, s2)
 
 
-def fid_reference(n: int, *, device="cpu", model=None, verbose: bool = True) -> dict:
-    """The FID reference of CIFAR-10 and its floor at n samples, computed once and cached in checkpoint_dir():
-    {"mu", "sigma"}: Inception statistics of the first n training images; "floor": the FID of the first n test
-    images (real, disjoint from the reference) against them. The file's name holds the data, n and the weights'
-    digest, so a change of any of them computes anew."""
-    path = checkpoint_dir() / f"fid_ref_cifar10_train{n}_floor_test{n}_inception-{FID_WEIGHTS_SHA1[:12]}.pt"
+FID_DATASETS = {"cifar10": "CIFAR-10", "mnist": "MNIST"}
+
+
+def fid_images(dataset: str, split: str, n: int) -> torch.Tensor:
+    """The first n images of a split in [0, 1]: CIFAR-10 (n, 3, 32, 32) or MNIST (n, 1, 28, 28)"""
+    if dataset == "cifar10":
+        images = cifar10_tensors(split, n, shards=range((n + 9999) // 10_000))[0]   # shards: training split only
+    elif dataset == "mnist":
+        images = mnist_tensors(split, n)[0].view(-1, 1, 28, 28)
+    else:
+        raise ValueError(f"FID references exist for {sorted(FID_DATASETS)}, not {dataset!r}")
+    if len(images) < n:
+        raise ValueError(f"{FID_DATASETS[dataset]} {split} has {len(images):,} images here, fewer than the {n:,} "
+                         "asked for: use a smaller n, or point BOOK_DATA at a mirror with the whole split")
+    return images
+
+
+def fid_reference(n: int, *, dataset: str = "cifar10", device="cpu", model=None, verbose: bool = True) -> dict:
+    """The FID reference of a dataset (CIFAR-10 or MNIST) and its floor at n samples, computed once and cached in
+    checkpoint_dir(): {"mu", "sigma"}: Inception statistics of the first n training images; "floor": the FID of
+    the first n test images (real, disjoint from the reference) against them. The file's name holds the data, n
+    and the weights' digest, so a change of any of them computes anew."""
+    path = checkpoint_dir() / f"fid_ref_{dataset}_train{n}_floor_test{n}_inception-{FID_WEIGHTS_SHA1[:12]}.pt"
     if path.exists():
         ref = torch.load(path, weights_only=True)
         how = "cached"
     else:
+        reference, floor_images = fid_images(dataset, "train", n), fid_images(dataset, "test", n)
         model = model if model is not None else load_inception(device)
-        reference, _, _, _ = cifar10_tensors("train", n, shards=range((n + 9999) // 10_000))
-        floor_images, _, _, _ = cifar10_tensors("test", n)
         mu, sigma = feature_statistics(inception_features(reference, model))
+        name = FID_DATASETS[dataset]
         ref = {"mu": mu, "sigma": sigma, "floor": fid_inception(floor_images, (mu, sigma), model=model), "n": n,
-               "weights_sha1": FID_WEIGHTS_SHA1, "reference": f"CIFAR-10 train[:{n}]", "floor_set": f"CIFAR-10 test[:{n}]"}
+               "weights_sha1": FID_WEIGHTS_SHA1, "reference": f"{name} train[:{n}]", "floor_set": f"{name} test[:{n}]"}
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(ref, path)
         how = "computed and cached"
