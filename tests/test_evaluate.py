@@ -173,6 +173,34 @@ def test_fid_reference_of_mnist_feeds_gray_digits_as_three_equal_channels(tmp_pa
         fid_reference(3, dataset="svhn", model=model)
 
 
+def test_fid_of_samples_measures_against_the_reference_at_its_own_count(tmp_path, monkeypatch, mirror, capsys):
+    """Chapters 18, 22 and 23: the FID of n new samples with the floor at n. Drawing the floor's own images must give
+    the floor exactly; another set must not; a wrong count is refused before any Inception pass."""
+    from groundup.evaluate import fid_images, fid_of_samples
+
+    monkeypatch.setenv("BOOK_DATA", str(mirror))
+    monkeypatch.setenv("BOOK_CHECKPOINT_DIR", str(tmp_path))
+    model = load_inception()
+    asked = []
+
+    def draw(n):
+        asked.append(n)
+        return fid_images("mnist", "test", n)
+
+    same = fid_of_samples(draw, 3, dataset="mnist", model=model, label="test digits")
+    assert asked == [3]
+    assert same["fid"] == pytest.approx(same["floor"], rel=1e-12) and same["floor"] > 0
+    assert same["n"] == 3 and same["reference"] == "MNIST train[:3]" and same["floor_set"] == "MNIST test[:3]"
+    assert same["seconds"] > 0
+    out = capsys.readouterr().out
+    assert "test digits: FID (standard Inception)" in out and "on 3 new samples" in out
+    other = fid_of_samples(fid_images("mnist", "test", 6)[3:], 3, dataset="mnist", model=model)   # images, no label
+    assert other["fid"] != pytest.approx(same["floor"], rel=1e-3) and other["floor"] == same["floor"]
+    assert "FID (standard Inception)" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match="needs 3 samples, got 2"):
+        fid_of_samples(lambda n: fid_images("mnist", "test", 2), 3, dataset="mnist", model=model)
+
+
 def test_classifier_digest_prefers_the_stored_sha256(tmp_path):
     class Clf:
         info = {"sha256": "abc123", "path": str(tmp_path / "none")}

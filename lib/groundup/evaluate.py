@@ -5,6 +5,7 @@
 # %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 31
 import hashlib
 import importlib.util
+import time
 import warnings
 from pathlib import Path
 
@@ -264,3 +265,23 @@ def fid_reference(n: int, *, dataset: str = "cifar10", device="cpu", model=None,
     if verbose:
         print(f"FID reference {ref['reference']}, real-vs-real floor {ref['floor_set']}: {ref['floor']:.2f} ({how})")
     return ref
+
+
+def fid_of_samples(draw, n: int, *, dataset: str = "cifar10", device="cpu", model=None,
+                   label: str | None = None) -> dict:
+    """FID (standard Inception) of n new samples against fid_reference(n, dataset=...), with the real-vs-real
+    floor at the same count: `draw` is a function n -> n images in [0, 1] (so "seconds" counts drawing them too)
+    or the images themselves. Returns what a results file keeps; with a `label`, also prints it as one line."""
+    start = time.perf_counter()
+    model = model if model is not None else load_inception(device)
+    ref = fid_reference(n, dataset=dataset, device=device, model=model)        # cached after the first run
+    images = draw(n) if callable(draw) else draw
+    if len(images) != n:
+        raise ValueError(f"the floor is measured at {n:,} images, so the FID needs {n:,} samples, got {len(images):,}")
+    fid = fid_inception(images, (ref["mu"], ref["sigma"]), model=model)
+    result = {"fid": fid, "floor": ref["floor"], "n": n, "reference": ref["reference"],
+              "floor_set": ref["floor_set"], "seconds": time.perf_counter() - start}
+    if label is not None:
+        print(f"{label}: FID (standard Inception) {fid:.2f} on {n:,} new samples against {ref['reference']}; "
+              f"real-vs-real floor ({ref['floor_set']}) {ref['floor']:.2f} ({result['seconds']:.0f} s)")
+    return result
