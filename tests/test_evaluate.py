@@ -175,7 +175,7 @@ def test_fid_reference_of_mnist_feeds_gray_digits_as_three_equal_channels(tmp_pa
 
 def test_fid_of_samples_measures_against_the_reference_at_its_own_count(tmp_path, monkeypatch, mirror, capsys):
     """Chapters 18, 22 and 23: the FID of n new samples with the floor at n. Drawing the floor's own images must give
-    the floor exactly; another set must not; a wrong count is refused before any Inception pass."""
+    the floor exactly; another set must not; a wrong count is refused before the samples go through Inception."""
     from groundup.evaluate import fid_images, fid_of_samples
 
     monkeypatch.setenv("BOOK_DATA", str(mirror))
