@@ -23,8 +23,9 @@ sys.path.insert(0, str(ROOT / "lib"))
 from groundup.results import _fmt, headline, load_records, met_text, rows_markdown, table_row  # noqa: E402
 
 INTRO = """Every number below was written by a chapter's own code into `results/<chapter>.json` and collected by
-`tools/results_table.py` (`make results`). A run is judged against the targets of its profile, which the
-book's specification (BOOK.md) sets and the Targets page (`book/targets.md`) lists: a `cpu` run (at most
+`tools/results_table.py` (`make results`). A run is judged against the targets of its profile: those the
+book's specification (BOOK.md) sets, which the Targets page (`book/targets.md`) lists, and each chapter's own,
+stated in its results table: a `cpu` run (at most
 30 minutes on 2 CPU cores) against the cpu targets, a `full` run (at most 10 minutes of training on one
 H100/H200) against the full targets. A `smoke` run (seconds of training, what CI runs) only shows that
 the code runs end to end: its targets read "smoke run", except the checks that hold in any profile
