@@ -413,7 +413,7 @@ def predict(model: nn.Module, X: torch.Tensor, tta: str = "flip", batch_size: in
     return torch.cat(out)
 
 
-# %% notebooks/03_cnn_cifar10.ipynb, cell 68
+# %% notebooks/03_cnn_cifar10.ipynb, cell 69
 CLASSIFIER_NAME = "03_cifar_classifier"
 
 
