@@ -201,13 +201,20 @@ def test_fid_of_samples_measures_against_the_reference_at_its_own_count(tmp_path
         fid_of_samples(lambda n: fid_images("mnist", "test", 2), 3, dataset="mnist", model=model)
 
 
-def test_classifier_digest_prefers_the_stored_sha256(tmp_path):
-    class Clf:
-        info = {"sha256": "abc123", "path": str(tmp_path / "none")}
-    assert classifier_digest(Clf()) == "abc123"
+def test_classifier_digest_is_the_hash_chapter_03_saves_and_prints(tmp_path):
+    """FD_cls results name their classifier by the weights hash that chapter 03 stores and prints, so that a
+    reader can match the two pages; a file saved without it falls back to the file's own SHA-256."""
+    from groundup.cnn import CifarClassifier, load_cifar_classifier, save_cifar_classifier, weights_sha256
+    torch.manual_seed(0)
+    model = CifarClassifier((8, 16, 16))
+    save_cifar_classifier(model, tmp_path / "clf.safetensors", test_accuracy=0.1)
+    loaded = load_cifar_classifier(tmp_path / "clf.safetensors")
+    assert classifier_digest(loaded) == weights_sha256(model) == loaded.info["weights_sha256"]
     f = tmp_path / "w.safetensors"
     f.write_bytes(b"weights")
-    Clf.info = {"path": str(f)}
+
+    class Clf:
+        info = {"path": str(f)}
     import hashlib
     assert classifier_digest(Clf()) == hashlib.sha256(b"weights").hexdigest()[:16]
 

@@ -80,11 +80,11 @@ def quick_classifier_path(profile: str | None = None, *, n_train: int | None = N
 
 
 def classifier_digest(classifier) -> str:
-    """A hash of the classifier's weights, recorded with every FD_cls: chapter 03's saved `sha256` (a prefix) if
-    it stored one, else the SHA-256 of its checkpoint file (first 16 hex digits)"""
+    """A hash of the classifier's weights, recorded with every FD_cls: the `weights_sha256` that chapter 03 saved
+    with it and prints (12 hex digits over the tensors), else the SHA-256 of its checkpoint file (16 hex digits)"""
     info = getattr(classifier, "info", {})
-    if info.get("sha256"):
-        return str(info["sha256"])
+    if info.get("weights_sha256"):
+        return str(info["weights_sha256"])
     return hashlib.sha256(Path(info["path"]).read_bytes()).hexdigest()[:16]
 
 
