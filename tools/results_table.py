@@ -8,7 +8,9 @@
 by ``rows_markdown`` of the same run's ``results/<chapter>.json``: the numbers are the run's, only the
 table's formatting is today's (for a change of ``rows_markdown`` itself; it never runs a notebook).
 
-Every number comes from a JSON file that a chapter's code wrote; nothing here is typed by hand.
+Every number comes from a JSON file that a chapter's code wrote; nothing here is typed by hand except the
+reasons of ``book/missed_targets.json``, words without numbers, one for each target a run missed (``--check``
+fails when a missed target has none, or a reason names no missed target).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "lib"))
-from groundup.results import _fmt, headline, load_records, met_text, rows_markdown, table_row  # noqa: E402
+from groundup.results import _fmt, headline, judged, load_records, met_text, rows_markdown, table_row  # noqa: E402
+
+MISSED = ROOT / "book" / "missed_targets.json"
 
 INTRO = """Every number below was written by a chapter's own code into `results/<chapter>.json` and collected by
 `tools/results_table.py` (`make results`). A run is judged against the targets of its profile: those the
@@ -44,6 +48,47 @@ def load_kept(root: Path = ROOT) -> list[dict]:
     kept = [r for folder in sorted(p for p in (root / "results").iterdir() if p.is_dir())
             for r in load_records(folder)]
     return sorted(kept, key=lambda r: r["chapter"])
+
+
+def load_reasons(path: Path = MISSED) -> dict[str, dict[str, str]]:
+    """{chapter: {start of a row's metric: why its target was missed}} from ``book/missed_targets.json``."""
+    if not path.exists():
+        return {}
+    return {k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if not k.startswith("_")}
+
+
+def missed(records: list[dict]) -> list[tuple[dict, dict]]:
+    """Every (record, row) whose target was judged and missed."""
+    return [(rec, r) for rec in records for r in rec["rows"] if judged(rec, r) and r["met"] is False]
+
+
+def reason(reasons: dict, rec: dict, row: dict) -> str | None:
+    return next((why for start, why in reasons.get(rec["chapter"], {}).items() if row["metric"].startswith(start)),
+                None)
+
+
+def unexplained(records: list[dict], reasons: dict) -> list[str]:
+    """What --check refuses: a missed target without a reason, and a reason that matches no missed target."""
+    misses = missed(records)
+    problems = [f"{rec['chapter']}: no reason for the missed target {r['metric']!r} in {MISSED.name}"
+                for rec, r in misses if reason(reasons, rec, r) is None]
+    for chapter, entries in reasons.items():
+        for start in entries:
+            if not any(rec["chapter"] == chapter and r["metric"].startswith(start) for rec, r in misses):
+                problems.append(f"{chapter}: the reason for {start!r} in {MISSED.name} matches no missed target")
+    return problems
+
+
+def misses_list(records: list[dict], reasons: dict, link=None) -> str:
+    """One item per missed target: the chapter, the row, our number against the target, and why."""
+    items = []
+    for rec, r in missed(records):
+        number = rec["chapter"][:2]
+        name = link(rec) if link else f"{number} `{rec['chapter']}`"
+        why = reason(reasons, rec, r) or "(no reason recorded)"
+        items.append(f"- **{name}** ({rec['profile']} profile), {r['metric']}: {_fmt(r['ours'], r['unit'])} "
+                     f"against {r['target']}. {why}")
+    return "\n".join(items) if items else "Every judged target was met."
 
 
 def _device(rec: dict) -> str:
@@ -74,8 +119,9 @@ def overview(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def readme(records: list[dict], kept: list[dict] = ()) -> str:
-    text = f"# Results\n\n{INTRO}\n{summary(records)}\n"
+def readme(records: list[dict], kept: list[dict] = (), reasons: dict | None = None) -> str:
+    text = (f"# Results\n\n{INTRO}\n## Targets missed, and why\n\n{misses_list(records, reasons or {})}\n\n"
+            f"## Every row\n\n{summary(records)}\n")
     if kept:
         text += (f"\n## Earlier runs of another profile\n\n{KEPT_INTRO}\n{summary(kept)}\n")
     return text
@@ -110,12 +156,14 @@ the cpu profile compare themselves with it, and its rows follow here.
 """
 
 
-def book_page(records: list[dict], kept: list[dict] = ()) -> str:
+def book_page(records: list[dict], kept: list[dict] = (), reasons: dict | None = None) -> str:
     """The website's results page: the one-screen summary, how runs are judged, then every row of every
     chapter, each chapter's table folded under its heading."""
     parts = ["# Results\n\nOne row per chapter: its headline number, its target, and the run that made it "
              "(profile and device). Every row of every chapter follows [below](#all-rows).\n\n"
              f":::{{table}}\n:class: groundup-summary\n{overview(records)}\n:::\n\n"
+             f"## Targets missed, and why\n\nEvery target a committed run missed, with the reason its chapter "
+             f"gives at length.\n\n{misses_list(records, reasons or {}, _chapter_link)}\n\n"
              f"## How the runs are judged\n\n{INTRO}\n(all-rows)=\n## Every row, chapter by chapter\n"]
     for rec in records:
         number = rec["chapter"][:2]
@@ -136,10 +184,15 @@ def book_page(records: list[dict], kept: list[dict] = ()) -> str:
     return "".join(parts)
 
 
+def _chapter_link(rec: dict) -> str:
+    return f"[chapter {rec['chapter'][:2]}](../notebooks/{rec['chapter']}.ipynb)"
+
+
 def outputs(root: Path = ROOT) -> dict[Path, str]:
     records, kept = load(root), load_kept(root)
-    return {root / "results" / "README.md": readme(records, kept),
-            root / "book" / "results.md": book_page(records, kept)}
+    reasons = load_reasons(root / "book" / MISSED.name)
+    return {root / "results" / "README.md": readme(records, kept, reasons),
+            root / "book" / "results.md": book_page(records, kept, reasons)}
 
 
 TABLE_HEAD = "| metric | ours | paper |"
@@ -187,6 +240,10 @@ def main(argv=None) -> int:
             else:
                 path.write_text(text)
                 print(f"wrote {path.relative_to(ROOT)}")
+    problems = unexplained(load(), load_reasons())
+    if problems:
+        print("\n".join(problems) + f"\n(say why in {MISSED.relative_to(ROOT)}, in words)", file=sys.stderr)
+        return 1
     if stale:
         print(f"out of date: {', '.join(stale)}; run `make results` and commit", file=sys.stderr)
         return 1

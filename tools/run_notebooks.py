@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -31,12 +32,35 @@ from groundup.runtime import book_root, device_name, get_device, get_profile  # 
 
 
 def machine_paths() -> list[str]:
-    """Absolute folders of this machine that must not appear in committed outputs."""
-    paths = {str(book_root().resolve()), str(Path.home())}
+    """Absolute folders of this machine that must not appear in committed outputs (a library's warning shows
+    its file under the Python installation)."""
+    paths = {str(book_root().resolve()), str(Path.home()), sys.prefix, sys.base_prefix}
     for name in ("BOOK_DATA", "BOOK_CACHE", "BOOK_CHECKPOINT_DIR"):
         if os.environ.get(name):
             paths.add(str(Path(os.environ[name]).expanduser().resolve()))
     return sorted(p for p in paths if len(p) > 1)
+
+
+# What a reader of a committed page must not see besides this machine's folders: a library's warning or
+# notice on stderr, a traceback, a network failure spelled out by a library.
+NOISE = re.compile(r"\b[A-Z][A-Za-z]*Warning\b|friendly reminder|Traceback \(most recent call last\)|"
+                   r"Max retries exceeded|HTTPSConnectionPool|Failed to download|/site-packages/")
+
+
+def noisy_outputs(nb) -> list[str]:
+    """'cell N: ...' for every output of ``nb`` that shows NOISE (also used by tests/test_book.py on the
+    committed notebooks)."""
+    found = []
+    for number, cell in enumerate(nb["cells"], start=1):
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                found.append(f"cell {number}: an error ({output.get('ename')})")
+                continue
+            text = "".join(output.get("text", "")) + "".join(output.get("data", {}).get("text/plain", ""))
+            match = NOISE.search(text)
+            if match:
+                found.append(f"cell {number}: ...{text[max(0, match.start() - 60):match.end() + 40]}...")
+    return found
 
 
 def leaked_paths(nb) -> list[str]:
@@ -151,6 +175,10 @@ def run(path: Path, fresh: bool = False) -> float:
     if leaks:
         raise SystemExit(f"{path}: the outputs show folders of this machine ({'; '.join(leaks[:5])}); make "
                          "the code print paths relative to the book (or none) and run it again")
+    noise = noisy_outputs(nb)
+    if noise:
+        raise SystemExit(f"{path}: the outputs show library warnings or errors ({'; '.join(noise[:5])}); "
+                         "silence the notice where the code calls the library (or fix its cause) and run it again")
     return seconds
 
 

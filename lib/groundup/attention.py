@@ -8,6 +8,7 @@ import math
 import os
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn as nn
@@ -158,9 +159,11 @@ def profile_call(fn, device) -> tuple[int | None, str]:
     if device.type == "cuda":
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=device.type == "cpu") as prof:
-        fn()
-        sync(device)
+    with warnings.catch_warnings():   # torch's notice that a profile without a schedule keeps one cycle (ours has one)
+        warnings.filterwarnings("ignore", message=".*Profiler clears events")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=device.type == "cpu") as prof:
+            fn()
+            sync(device)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
     elif device.type == "cpu" and hasattr(prof.profiler, "kineto_results"):

@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,12 @@ def pick(smoke, full, profile: str | None = None, *, cpu=None):
             raise ValueError("this chapter has no `cpu` preset yet: run it with BOOK_PROFILE=smoke or full")
         return cpu
     return smoke if profile == "smoke" else full
+
+
+# On CUDA the first cuBLAS call of a process may come from autograd's backward thread, which then prints
+# "Attempting to run cuBLAS, but there was no current CUDA context!" and sets the context itself: a notice,
+# not a fault, that would otherwise sit in the committed outputs of every chapter whose first matmul is a backward.
+warnings.filterwarnings("ignore", message="Attempting to run cuBLAS, but there was no current CUDA context")
 
 
 def get_device() -> torch.device:
