@@ -17,7 +17,7 @@ from groundup.basics import mnist_tensors
 from groundup.checkpoint import checkpoint_dir
 from groundup.cnn import (CifarClassifier, Recipe, cifar10_tensors, classifier_path, extract_features,
                           load_cifar_classifier, predict, save_cifar_classifier, train_classifier)
-from groundup.runtime import get_profile, run_tag
+from groundup.runtime import get_profile, progress, run_tag
 
 
 # %% notebooks/16_unet_ddpm_cifar10.ipynb, cell 32
@@ -208,8 +208,8 @@ def inception_features(images: torch.Tensor, model, batch_size: int = 100, devic
     if device is None:
         params = list(model.parameters())
         device = params[0].device if params else torch.device("cpu")
-    out = []
-    for xb in _check_images(images).split(batch_size):
+    out, batches = [], _check_images(images).split(batch_size)
+    for xb in progress(batches, desc="Inception features", unit="batch", disable=len(batches) < 10):
         pixels = (xb.to(device) * 255).round()                         # the 8-bit image a PNG file would hold
         x = (resize_bilinear_tf(pixels) / 128 - 1).contiguous(memory_format=torch.channels_last)
         f = model(x)                                                    # (p - 128) / 128 in [-1, 127/128]
