@@ -41,22 +41,31 @@ def machine_paths() -> list[str]:
     return sorted(p for p in paths if len(p) > 1)
 
 
-# What a reader of a committed page must not see besides this machine's folders: a library's warning or
-# notice on stderr, a traceback, a network failure spelled out by a library.
+def output_text(output) -> str:
+    """What a reader sees of one cell output: its stream text, plain and Markdown data, and traceback."""
+    data = output.get("data", {})
+    return "".join("".join(part) for part in (output.get("text", ""), data.get("text/plain", ""),
+                                                data.get("text/markdown", ""), output.get("traceback", "")))
+
+
+# What a reader of a committed page must not see, on any machine: a library's warning or notice, a traceback, a
+# network failure spelled out by a library, an absolute folder of the machine that ran it (leaked_paths below
+# also checks this machine's own folders by name).
 NOISE = re.compile(r"\b[A-Z][A-Za-z]*Warning\b|friendly reminder|Traceback \(most recent call last\)|"
-                   r"Max retries exceeded|HTTPSConnectionPool|Failed to download|/site-packages/")
+                   r"Max retries exceeded|HTTPSConnectionPool|Failed to download|/site-packages/|"
+                   r"(?<![\w.~])/(?:work|tmp|home|root|opt|usr|var|Users|private|content)/")
 
 
 def noisy_outputs(nb) -> list[str]:
-    """'cell N: ...' for every output of ``nb`` that shows NOISE (also used by tests/test_book.py on the
-    committed notebooks)."""
+    """'cell N: ...' for every output of ``nb`` that is an error or shows NOISE (also used by
+    tests/test_book.py on the committed notebooks)."""
     found = []
     for number, cell in enumerate(nb["cells"], start=1):
         for output in cell.get("outputs", []):
             if output.get("output_type") == "error":
                 found.append(f"cell {number}: an error ({output.get('ename')})")
                 continue
-            text = "".join(output.get("text", "")) + "".join(output.get("data", {}).get("text/plain", ""))
+            text = output_text(output)
             match = NOISE.search(text)
             if match:
                 found.append(f"cell {number}: ...{text[max(0, match.start() - 60):match.end() + 40]}...")
@@ -68,8 +77,7 @@ def leaked_paths(nb) -> list[str]:
     found = []
     for number, cell in enumerate(nb.cells, start=1):
         for output in cell.get("outputs", []):
-            text = str(output.get("text", "")) + str(output.get("data", {}).get("text/plain", "")) + \
-                str(output.get("data", {}).get("text/markdown", "")) + str(output.get("traceback", ""))
+            text = output_text(output)
             for path in machine_paths():
                 if path in text:
                     found.append(f"cell {number}: {path}")
