@@ -14,7 +14,7 @@ CLEAN_TEST_STATE := rm -rf _build/test-results _build/test-checkpoints
 # Committed outputs come from a cpu or full run (CONTRIBUTING.md); smoke is what CI runs.
 PROFILE ?= cpu
 
-.PHONY: help venv book html test unit notebooks lab export check-export results outputs clean \
+.PHONY: help venv book html test unit notebooks lab export check-export results provenance outputs clean \
         reference reference-plan wheels parts unpack-reference
 
 help:
@@ -24,6 +24,7 @@ help:
 	@echo "make notebooks     only the notebooks, smoke profile, under nbmake"
 	@echo "make html          only the website build (committed outputs, nothing executed)"
 	@echo "make results       regenerate results/README.md and book/results.md from results/*.json"
+	@echo "make provenance    which chapters' pages show code that changed after their committed run"
 	@echo "make clean         remove _build"
 	@echo "make lab           open JupyterLab"
 	@echo "make export        write lib/groundup/ from the notebooks' #| export cells"
@@ -59,6 +60,7 @@ html: $(STAMP)
 test: $(STAMP)
 	$(PY) tools/export.py --check
 	$(PY) tools/results_table.py --check
+	$(PY) tools/provenance.py --check
 	$(MAKE) --no-print-directory html
 	$(CLEAN_TEST_STATE)
 	$(TEST_ENV) $(PY) -m pytest tests notebooks --nbmake --nbmake-timeout=300 --durations=0
@@ -81,6 +83,9 @@ check-export: $(STAMP)
 
 results: $(STAMP)
 	$(PY) tools/results_table.py
+
+provenance: $(STAMP)
+	$(PY) tools/provenance.py
 
 outputs: $(STAMP)
 	BOOK_PROFILE=$(PROFILE) BOOK_RESULTS_DIR=$(CURDIR)/results $(PY) tools/run_notebooks.py --fresh $(NB)

@@ -124,6 +124,38 @@ def test_every_missed_target_is_explained():
     assert any("matches no missed target" in p for p in results_table.unexplained(records, stale))
 
 
+def test_provenance_compares_code_not_layout():
+    import provenance
+    cell = "x = 1  # one\nprint(x)\n"
+    assert provenance.changed_cells([cell], ["x = 1\n\n# a new comment\nprint(\n    x)\n"]) == []
+    assert provenance.changed_cells([cell], ["x = 2\nprint(x)\n"]) == [0]                # a changed number
+    assert provenance.changed_cells([cell], [cell, "assert x > 0\n"]) == [1]             # an added cell
+    assert provenance.changed_cells(["%matplotlib inline\nx = 1"], ["%matplotlib inline\nx = 1 # c"]) == []
+    assert provenance.changed_cells(["%time x = 1"], ["%time x = 2"]) == [0]
+    # followed through the library's own imports: latent imports unet (`from .unet import ...`)
+    assert {"latent", "unet"} <= provenance.imported_modules(["from groundup.latent import KLAutoencoder"])
+
+
+def test_pages_show_the_code_that_ran():
+    """Each chapter's code cells equal those of the commit its committed run started from (or an excuse in
+    book/provenance_exceptions.json says why not); skipped without the repository's history."""
+    import subprocess
+
+    import provenance
+    if subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0:
+        pytest.skip("no git history here")
+    rows = provenance.report(ROOT)
+    compared = [r for r in rows if r["cells"] is not None]
+    if not compared:
+        pytest.skip("the runs' commits are not in this clone's history (shallow)")
+    excused = provenance.load_exceptions()
+    changed = {r["chapter"]: r["cells"] for r in compared if r["cells"] and r["chapter"] not in excused}
+    assert not changed, f"code changed after the committed run (make provenance): {changed}"
+    stale = [name for name in excused if any(r["chapter"] == name and r["cells"] == [] for r in compared)]
+    assert not stale, f"excused in book/provenance_exceptions.json but unchanged: {stale}"
+    assert not [r["chapter"] for r in rows if r["dirty"]], "a committed run started from a dirty checkout"
+
+
 def test_library_is_in_sync_with_notebooks():
     import export
     assert export.check(ROOT) == [], "lib/ is out of sync with the notebooks: run `make export`"
