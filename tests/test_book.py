@@ -139,11 +139,9 @@ def test_provenance_compares_code_not_layout():
 def test_pages_show_the_code_that_ran():
     """Each chapter's code cells equal those of the commit its committed run started from (or an excuse in
     book/provenance_exceptions.json says why not); skipped without the repository's history."""
-    import subprocess
-
     import provenance
-    if subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0:
-        pytest.skip("no git history here")
+    if provenance.git("rev-parse", "--verify", "HEAD").returncode != 0:
+        pytest.skip("no git (or no history) here")
     rows = provenance.report(ROOT)
     compared = [r for r in rows if r["cells"] is not None]
     if not compared:

@@ -39,7 +39,11 @@ IMPORT = re.compile(r"\bgroundup\.(\w+)|^\s*from \.(\w+) import", re.MULTILINE)
 
 
 def git(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    """``git args`` in the book's checkout; without git on this machine, a failed process (nothing to compare)."""
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    except OSError as e:
+        return subprocess.CompletedProcess(["git", *args], returncode=127, stdout="", stderr=str(e))
 
 
 def show(commit: str, path: str) -> str | None:
@@ -127,17 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 where a page's code changed since its run")
     args = parser.parse_args(argv)
     if git("rev-parse", "--verify", "HEAD").returncode != 0:
-        print("no git history here (a copy without .git): nothing to compare")
+        print("no git here, or no history (a copy without .git): nothing to compare")
         return 0
     rows = report()
-    unknown = [r["chapter"] for r in rows if r["cells"] is None]
-    if unknown and len(unknown) == len(rows):
+    if all(r["cells"] is None for r in rows):
         print("none of the runs' commits is in this repository's history (a shallow clone?): nothing to compare")
         return 0
     excused = load_exceptions()
     print(f"{'chapter':30s} {'run at':9s} {'code cells changed since':26s} library modules changed since (not judged)")
     for r in rows:
-        cells = ("run's commit not here" if r["cells"] is None else
+        cells = ("not comparable" if r["cells"] is None else
                  "none" if not r["cells"] else ", ".join(f"[{i}]" for i in r["cells"][:6])
                  + (" ..." if len(r["cells"]) > 6 else ""))
         mods = "—" if r["modules"] is None else ", ".join(r["modules"]) or "none"
