@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
+import functools
 import json
 import re
 import subprocess
@@ -71,14 +73,11 @@ def code_cells(notebook_text: str) -> list[str]:
 
 
 def changed_cells(old: list[str], new: list[str]) -> list[int]:
-    """Indices (among today's code cells) that differ from the run's; cells added or removed count."""
-    a, b = [normalized(s) for s in old], [normalized(s) for s in new]
-    if len(a) != len(b):
-        import difflib
-        matcher = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
-        return sorted({j for tag, _, _, j1, j2 in matcher.get_opcodes() if tag != "equal"
-                       for j in range(j1, max(j2, j1 + 1))})
-    return [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    """Indices (among today's code cells) that differ from the run's; a cell added counts where it is, a cell
+    removed at the index of today's cell that follows it."""
+    matcher = difflib.SequenceMatcher(a=[normalized(s) for s in old], b=[normalized(s) for s in new], autojunk=False)
+    return sorted({j for tag, _, _, j1, j2 in matcher.get_opcodes() if tag != "equal"
+                   for j in range(j1, max(j2, j1 + 1))})
 
 
 def imported_modules(sources: list[str]) -> set[str]:
@@ -93,6 +92,14 @@ def imported_modules(sources: list[str]) -> set[str]:
         seen.add(name)
         todo |= {m for pair in IMPORT.findall(path.read_text(encoding="utf-8")) for m in pair if m} - seen
     return seen
+
+
+@functools.lru_cache(maxsize=None)
+def module_changed(commit: str, name: str, root: Path = ROOT) -> bool:
+    """Whether library module ``name`` differs, as a syntax tree, between ``commit`` and today (chapters share
+    modules and often commits: each pair is compared once)."""
+    return (normalized(show(commit, f"lib/groundup/{name}.py") or "")
+            != normalized((root / "lib" / "groundup" / f"{name}.py").read_text(encoding="utf-8")))
 
 
 def run_commit(notebook: Path) -> tuple[str | None, bool | None]:
@@ -112,10 +119,7 @@ def report(root: Path = ROOT) -> list[dict]:
         if old is not None:
             new_cells = code_cells(nb.read_text(encoding="utf-8"))
             row["cells"] = changed_cells(code_cells(old), new_cells)
-            row["modules"] = sorted(
-                m for m in imported_modules(new_cells)
-                if normalized(show(commit, f"lib/groundup/{m}.py") or "")
-                != normalized((root / "lib" / "groundup" / f"{m}.py").read_text(encoding="utf-8")))
+            row["modules"] = sorted(m for m in imported_modules(new_cells) if module_changed(commit, m, root))
         rows.append(row)
     return rows
 
